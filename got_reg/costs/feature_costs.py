@@ -1,0 +1,78 @@
+"""Feature costs d_x(z_i, z_adv_j) on flattened layer outputs."""
+from __future__ import annotations
+
+from typing import Dict, Type, Union
+
+import torch
+import torch.nn.functional as F
+
+from .._checks import check_choice
+
+
+class FeatureCost:
+    """Base class: ``pairwise(z, z_adv)[i, j] = d_x(z[i], z_adv[j])`` for (B, D) inputs."""
+
+    name = "base"
+
+    def pairwise(self, z: torch.Tensor, z_adv: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
+
+
+class CosineCost(FeatureCost):
+    r"""d_x(a, b) = 1 - <a, b> / (|a| |b|), in [0, 2]; the paper's best choice.
+
+    A zero feature vector (possible after ReLU) has no direction; it is given cost 1 to everything,
+    the value of an orthogonal pair, instead of a NaN.
+    """
+
+    name = "cosine"
+
+    def __init__(self, eps: float = 1e-8) -> None:
+        self.eps = eps
+
+    def pairwise(self, z: torch.Tensor, z_adv: torch.Tensor) -> torch.Tensor:
+        a = F.normalize(z, dim=1, eps=self.eps)
+        b = F.normalize(z_adv, dim=1, eps=self.eps)
+        return 1.0 - a @ b.T
+
+
+class _SafeSqrt(torch.autograd.Function):
+    """sqrt with gradient 0 at 0 (a subgradient of |.|), where torch.sqrt's is inf.
+
+    Identical clean and adversarial features give distance 0 exactly; the plain sqrt would turn that
+    into a NaN gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = x.clamp_min(0).sqrt()
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        return torch.where(out > 0, grad / (2 * out).clamp_min(torch.finfo(out.dtype).tiny), torch.zeros_like(grad))
+
+
+class L2Cost(FeatureCost):
+    r"""Euclidean distance d_x(a, b) = |a - b|_2, from |a|^2 + |b|^2 - 2<a, b> (no (B, B, D) tensor)."""
+
+    name = "l2"
+
+    def pairwise(self, z: torch.Tensor, z_adv: torch.Tensor) -> torch.Tensor:
+        sq = (z * z).sum(1, keepdim=True) + (z_adv * z_adv).sum(1)[None, :] - 2.0 * (z @ z_adv.T)
+        return _SafeSqrt.apply(sq)
+
+
+FEATURE_COSTS: Dict[str, Type[FeatureCost]] = {"cosine": CosineCost, "l2": L2Cost}
+
+
+def get_feature_cost(cost: Union[str, FeatureCost] = "cosine") -> FeatureCost:
+    """Factory: a name in :data:`FEATURE_COSTS` or a :class:`FeatureCost` instance."""
+    if isinstance(cost, FeatureCost):
+        return cost
+    return FEATURE_COSTS[check_choice("feature_cost", cost, FEATURE_COSTS)]()
