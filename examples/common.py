@@ -46,8 +46,8 @@ CONFIG = "config.json"
 # reference optimiser settings; see examples/README.md for where the two differ.  The digits
 # settings were chosen by measurement (README: "digits hyper-parameters").
 DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "digits": dict(model="digitsnet", epochs=30, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4,
-                   lr_schedule=[20, 26], epsilon=0.1, step_size=0.025, num_steps=10, beta_trades=6.0),
+    "digits": dict(model="digitsnet", epochs=20, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4,
+                   lr_schedule=[14, 18], epsilon=0.15, step_size=0.03, num_steps=10, beta_trades=6.0),
     "mnist": dict(model="smallcnn", epochs=100, batch_size=128, lr=0.01, momentum=0.9, weight_decay=0.0,
                   lr_schedule=[55, 75, 90], epsilon=0.3, step_size=0.01, num_steps=40, beta_trades=1.0),
     "cifar10": dict(model="resnet18", epochs=76, batch_size=128, lr=0.1, momentum=0.9, weight_decay=2e-4,
