@@ -201,7 +201,8 @@ class GOTRegularizer(nn.Module):
         loss = scale * value
         diag.update(value=float(value.detach()), loss=float(loss.detach()), skipped=False)
         if y is not None:
-            diag["same_label_mass"] = float(plan[label_mask(y)].sum() / plan.sum())
+            # 1 − cross-label mass: exactly 1 under label matching, where the cross entries are exact zeros.
+            diag["same_label_mass"] = float(1.0 - plan[~label_mask(y)].sum() / plan.sum())
         self.diagnostics = diag
         return loss
 

@@ -59,11 +59,17 @@ class _SafeSqrt(torch.autograd.Function):
 
 
 class L2Cost(FeatureCost):
-    r"""Euclidean distance d_x(a, b) = |a - b|_2, from |a|^2 + |b|^2 - 2<a, b> (no (B, B, D) tensor)."""
+    r"""Euclidean distance d_x(a, b) = |a - b|_2, from |a|^2 + |b|^2 - 2<a, b> (no (B, B, D) tensor).
+
+    The expansion loses about sqrt(machine eps)·|a| on near-identical pairs (clean vs adversarial),
+    so both batches are first centred on their common mean, which the distance does not see.
+    """
 
     name = "l2"
 
     def pairwise(self, z: torch.Tensor, z_adv: torch.Tensor) -> torch.Tensor:
+        centre = 0.5 * (z.mean(0) + z_adv.mean(0))
+        z, z_adv = z - centre, z_adv - centre
         sq = (z * z).sum(1, keepdim=True) + (z_adv * z_adv).sum(1)[None, :] - 2.0 * (z @ z_adv.T)
         return _SafeSqrt.apply(sq)
 

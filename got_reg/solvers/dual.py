@@ -91,6 +91,8 @@ class KantorovichPotential(nn.Module):
             loss.backward()
             self.optimizer.step()
             self.num_updates += 1
+        # No stale grads left on φ: the model's backward must not seem to have reached it.
+        self.optimizer.zero_grad(set_to_none=True)
 
     def get_extra_state(self) -> Dict[str, Any]:
         state: Dict[str, Any] = {"num_updates": self.num_updates}
