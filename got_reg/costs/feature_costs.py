@@ -36,7 +36,8 @@ class CosineCost(FeatureCost):
     def pairwise(self, z: torch.Tensor, z_adv: torch.Tensor) -> torch.Tensor:
         a = F.normalize(z, dim=1, eps=self.eps)
         b = F.normalize(z_adv, dim=1, eps=self.eps)
-        return 1.0 - a @ b.T
+        # Rounding can put 1 − cos at −2e-16 for identical vectors; the cost is in [0, 2] by definition.
+        return (1.0 - a @ b.T).clamp(0.0, 2.0)
 
 
 class _SafeSqrt(torch.autograd.Function):
