@@ -165,6 +165,9 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -417,6 +420,8 @@ def _run(args, train_step: TrainStep, d: Dist, device: torch.device) -> Dict[str
         out.mkdir(parents=True, exist_ok=True)
         if ckpt_path.exists() and not (args.resume or args.overwrite):
             raise SystemExit(f"{ckpt_path} exists: pass --resume to continue it or --overwrite to start afresh")
+        for stale in out.glob(".*.tmp"):  # half-written temp files of a killed run
+            stale.unlink()
     d.barrier()
     resuming = args.resume and ckpt_path.exists()
     if resuming and d.is_main:

@@ -13,15 +13,13 @@ regulariser transports (the latent space of the paper's Fig. 6).  Every model ex
 representation as the output of a *distinct* module so a forward hook on it fires exactly once
 per forward pass (see the note in ``SmallCNN``).
 
-State-dict keys of ``smallcnn``, ``resnet18`` and ``wrn34-10`` match the TRADES reference
-implementations, so their released checkpoints load (``wrn34-10`` with ``strict=False``: TRADES
-registers an unused ``sub_block1`` that is left out here, see ``WideResNet``).
+TRADES checkpoints load into ``smallcnn`` (its named keys are mapped to the indices used here),
+``resnet18`` and ``wrn34-10`` (with ``strict=False``: TRADES registers an unused ``sub_block1``
+that is left out here, see ``WideResNet``).
 """
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,71 +31,83 @@ class DigitsNet(nn.Module):
     """Tiny CNN for 1x8x8 inputs: conv16-conv32-pool(2) -> fc128 -> fc(num_classes).
 
     Sized so an adversarial-training epoch on the 1257 training digits takes about a second on
-    one CPU core.
+    one CPU core.  Penultimate layer: ``classifier.1`` (the ReLU after fc128).
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 8) -> None:
         super().__init__()
-        self.features = nn.Sequential(OrderedDict([
-            ("conv1", nn.Conv2d(in_channels, 16, 3, padding=1)),
-            ("relu1", nn.ReLU()),
-            ("conv2", nn.Conv2d(16, 32, 3, padding=1)),
-            ("relu2", nn.ReLU()),
-            ("maxpool", nn.MaxPool2d(2, 2)),
-            ("flatten", nn.Flatten()),
-        ]))
-        flat = 32 * (image_size // 2) ** 2
-        self.classifier = nn.Sequential(OrderedDict([
-            ("fc1", nn.Linear(flat, 128)),
-            ("relu1", nn.ReLU()),
-            ("fc2", nn.Linear(128, num_classes)),
-        ]))
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(),   # 0, 1
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),            # 2, 3
+            nn.MaxPool2d(2, 2), nn.Flatten(),                      # 4, 5
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(32 * (image_size // 2) ** 2, 128), nn.ReLU(),  # 0, 1
+            nn.Linear(128, num_classes),                              # 2
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
 
+# TRADES' SmallCNN names its layers; here they are indexed ("classifier.4") like any nn.Sequential.
+_SMALLCNN_TRADES_NAMES = {
+    "feature_extractor": ["conv1", "relu1", "conv2", "relu2", "maxpool1", "conv3", "relu3", "conv4", "relu4",
+                          "maxpool2"],
+    "classifier": ["fc1", "relu1", "drop", "fc2", "relu2", "fc3"],
+}
+
+
+def _accept_trades_smallcnn_keys(module, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook: rename TRADES keys (``classifier.fc3.weight``) to indices."""
+    for block, names in _SMALLCNN_TRADES_NAMES.items():
+        for index, name in enumerate(names):
+            for leaf in ("weight", "bias"):
+                old = f"{prefix}{block}.{name}.{leaf}"
+                if old in state_dict:
+                    state_dict[f"{prefix}{block}.{index}.{leaf}"] = state_dict.pop(old)
+
+
 class SmallCNN(nn.Module):
     """Carlini-Wagner MNIST CNN, layer for layer as TRADES ``models/small_cnn.py``.
 
+    ``feature_extractor``: conv32-relu-conv32-relu-pool-conv64-relu-conv64-relu-pool (0..9);
+    ``classifier``: fc200 (0), relu (1), dropout 0.5 (2), fc200 (3), relu (4), fc (5).
+    Penultimate layer: ``classifier.4``.  TRADES checkpoints, whose keys use the layer names
+    (``classifier.fc1.weight``), load directly.
+
     One deliberate change: TRADES reuses a single ``nn.ReLU(True)`` instance for all six
-    activations.  A forward hook on, e.g., ``classifier.relu2`` would then fire six times per
-    forward (once per use of the shared module) and hand the GOT regulariser the wrong tensor.
-    Here every activation is its own parameter-free module, so the state dict is unchanged.
+    activations, so a forward hook on one of them would fire six times per forward and hand the
+    GOT regulariser the wrong tensor.  Here every activation is its own parameter-free module.
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1, drop: float = 0.5) -> None:
         super().__init__()
         self.num_channels = in_channels
         self.num_labels = num_classes
-        self.feature_extractor = nn.Sequential(OrderedDict([
-            ("conv1", nn.Conv2d(in_channels, 32, 3)),
-            ("relu1", nn.ReLU()),
-            ("conv2", nn.Conv2d(32, 32, 3)),
-            ("relu2", nn.ReLU()),
-            ("maxpool1", nn.MaxPool2d(2, 2)),
-            ("conv3", nn.Conv2d(32, 64, 3)),
-            ("relu3", nn.ReLU()),
-            ("conv4", nn.Conv2d(64, 64, 3)),
-            ("relu4", nn.ReLU()),
-            ("maxpool2", nn.MaxPool2d(2, 2)),
-        ]))
-        self.classifier = nn.Sequential(OrderedDict([
-            ("fc1", nn.Linear(64 * 4 * 4, 200)),
-            ("relu1", nn.ReLU()),
-            ("drop", nn.Dropout(drop)),
-            ("fc2", nn.Linear(200, 200)),
-            ("relu2", nn.ReLU()),
-            ("fc3", nn.Linear(200, num_classes)),
-        ]))
+        self.feature_extractor = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 3), nn.ReLU(),
+            nn.Conv2d(32, 32, 3), nn.ReLU(),
+            nn.MaxPool2d(2, 2),
+            nn.Conv2d(32, 64, 3), nn.ReLU(),
+            nn.Conv2d(64, 64, 3), nn.ReLU(),
+            nn.MaxPool2d(2, 2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Linear(64 * 4 * 4, 200), nn.ReLU(),
+            nn.Dropout(drop),
+            nn.Linear(200, 200), nn.ReLU(),
+            nn.Linear(200, num_classes),
+        )
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight)
                 if m.bias is not None:
                     nn.init.constant_(m.bias, 0)
         # TRADES zero-initialises the last layer; kept for parity with the reference.
-        nn.init.constant_(self.classifier.fc3.weight, 0)
-        nn.init.constant_(self.classifier.fc3.bias, 0)
+        nn.init.constant_(self.classifier[5].weight, 0)
+        nn.init.constant_(self.classifier[5].bias, 0)
+        self._register_load_state_dict_pre_hook(_accept_trades_smallcnn_keys, with_module=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         features = self.feature_extractor(x)
@@ -244,8 +254,8 @@ class WideResNet(nn.Module):
 
 
 _DEFAULT_LAYERS = {
-    "digitsnet": "classifier.relu1",
-    "smallcnn": "classifier.relu2",
+    "digitsnet": "classifier.1",
+    "smallcnn": "classifier.4",
     "resnet18": "flatten",
     "wrn34-10": "flatten",
 }

@@ -21,9 +21,11 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from attacks import eval_mode, pgd_linf  # type: ignore  # noqa: E402
+    from common import num_threads  # type: ignore  # noqa: E402
     from evaluate import load_run, load_test_set, method_name  # type: ignore  # noqa: E402
 else:
     from .attacks import eval_mode, pgd_linf
+    from .common import num_threads
     from .evaluate import load_run, load_test_set, method_name
 
 
@@ -56,7 +58,21 @@ def latent_embedding(run_dir: Path, n: int, steps: int, seed: int, device: torch
 
 
 def plot_latent(run_dirs: Sequence[Path], out: Path, n: int = 300, steps: int = 20, seed: int = 0,
-                labels: Optional[Sequence[str]] = None, device: Optional[torch.device] = None) -> Path:
+                labels: Optional[Sequence[str]] = None, device: Optional[torch.device] = None,
+                threads: Optional[int] = 1) -> Path:
+    """Side-by-side t-SNE panels, one per run.
+
+    ``threads`` caps torch and the OpenMP/BLAS pools (threadpoolctl) for the duration: t-SNE on a
+    few hundred points is fastest single-threaded and slows down 5-10x when its OpenMP threads
+    compete with another process for the cores.
+    """
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=threads), num_threads(threads):
+        return _plot_latent(run_dirs, out, n, steps, seed, labels, device)
+
+
+def _plot_latent(run_dirs, out, n, steps, seed, labels, device) -> Path:
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -94,11 +110,12 @@ def main(argv: Optional[List[str]] = None) -> Path:
     p.add_argument("--steps", type=int, default=20, help="PGD steps for the adversarial points")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", type=str, default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads (0: leave as is)")
     args = p.parse_args(argv)
     if args.labels and len(args.labels) != len(args.runs):
         p.error("--labels needs one label per run")
     path = plot_latent([Path(r) for r in args.runs], Path(args.out), args.n, args.steps, args.seed,
-                       args.labels, torch.device(args.device))
+                       args.labels, torch.device(args.device), args.threads or None)
     print(f"wrote {path}")
     return path
 

@@ -1,0 +1,341 @@
+"""Smoke and behaviour tests of examples/ (tiny digits subsets; the whole file runs in ~2 min on 2 cores)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import attacks  # noqa: E402
+import common  # noqa: E402
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import models  # noqa: E402
+import plot_latent  # noqa: E402
+import train_pgd  # noqa: E402
+import train_trades  # noqa: E402
+
+TINY = ["--train-subset", "128", "--test-subset", "48", "--batch-size", "32", "--num-steps", "3",
+        "--eval-pgd-steps", "3", "--threads", "1", "--quiet"]
+ENV = dict(os.environ, PYTHONUNBUFFERED="1")
+
+
+def _finite_numbers(row):
+    return all(math.isfinite(v) for v in row.values() if isinstance(v, float))
+
+
+def _strip_time(rows):
+    return [{k: v for k, v in r.items() if k != "epoch_time_s"} for r in rows]
+
+
+# ----------------------------------------------------------------------------- models / data
+@pytest.mark.parametrize("name,shape", [("digitsnet", (1, 8)), ("smallcnn", (1, 28)), ("resnet18", (3, 32)),
+                                        ("wrn34-10", (3, 32))])
+def test_models_forward_and_hook_fires_once(name, shape):
+    torch.manual_seed(0)
+    c, s = shape
+    model = models.build_model(name, 10, in_channels=c, image_size=s).eval()
+    calls = []
+    handle = model.get_submodule(models.default_layer(name)).register_forward_hook(lambda m, i, o: calls.append(o))
+    with torch.no_grad():
+        out = model(torch.rand(2, c, s, s))
+    handle.remove()
+    assert out.shape == (2, 10)
+    assert len(calls) == 1 and calls[0].shape[0] == 2  # one distinct module, one firing per forward
+
+
+def test_smallcnn_matches_trades_layout():
+    m = models.build_model("smallcnn", 10, in_channels=1, image_size=28)
+    assert [type(l).__name__ for l in m.classifier] == ["Linear", "ReLU", "Dropout", "Linear", "ReLU", "Linear"]
+    assert m.classifier[2].p == 0.5 and models.default_layer("smallcnn") == "classifier.4"
+    assert sum(isinstance(l, nn.Conv2d) for l in m.feature_extractor) == 4
+    # A TRADES checkpoint (named keys: classifier.fc1.weight ...) loads into the indexed layout.
+    names = {"feature_extractor": {0: "conv1", 2: "conv2", 5: "conv3", 7: "conv4"},
+             "classifier": {0: "fc1", 3: "fc2", 5: "fc3"}}
+    trades_sd = {}
+    for k, v in m.state_dict().items():
+        block, idx, leaf = k.split(".")
+        trades_sd[f"{block}.{names[block][int(idx)]}.{leaf}"] = torch.randn_like(v)
+    m.load_state_dict(trades_sd)
+    assert torch.equal(m.classifier[5].bias, trades_sd["classifier.fc3.bias"])
+
+
+def test_digits_loader():
+    tr, te, info = data.load_datasets("digits")
+    x, y = data.dataset_tensors(tr)
+    xt, yt = data.dataset_tensors(te)
+    assert x.shape[1:] == (1, 8, 8) and len(x) + len(xt) == 1797
+    assert x.min() >= 0 and x.max() <= 1 and info.num_classes == 10
+    assert set(y.tolist()) == set(range(10))
+    # The split is fixed by split_seed, not by the training seed.
+    assert torch.equal(xt, data.dataset_tensors(data.load_datasets("digits")[1])[0])
+    tr_s, te_s, _ = data.load_datasets("digits", train_subset=50, test_subset=20)
+    assert len(tr_s) == 50 and len(te_s) == 20
+
+
+MNIST_DIR = data.default_data_dir("mnist")
+
+
+@pytest.mark.skipif(not all((MNIST_DIR / f).is_file() for f in data.MNIST_FILES.values()),
+                    reason=f"MNIST idx files not in {MNIST_DIR}")
+def test_mnist_loader_reads_idx_files():
+    x, y, xt, yt = data.load_mnist_tensors(MNIST_DIR)
+    assert x.shape == (60000, 1, 28, 28) and xt.shape == (10000, 1, 28, 28)
+    assert y.shape == (60000,) and yt.shape == (10000,)
+    assert y.min() == 0 and y.max() == 9 and yt.min() == 0 and yt.max() == 9
+    assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+
+
+def test_mnist_missing_files_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.gz") as err:
+        data.load_datasets("mnist", str(tmp_path))
+    assert str(tmp_path) in str(err.value)
+
+
+@pytest.mark.parametrize("name,expected", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"),
+                                           ("svhn", "train_32x32.mat")])
+def test_vision_missing_files_error(tmp_path, name, expected):
+    with pytest.raises(FileNotFoundError, match=expected) as err:
+        data.load_datasets(name, str(tmp_path))
+    assert str(tmp_path) in str(err.value) and "downloaded" in str(err.value)
+
+
+def test_missing_torchvision_error(tmp_path):
+    try:
+        import torchvision  # noqa: F401
+        pytest.skip("torchvision is installed")
+    except ImportError:
+        pass
+    for f in data.VISION_FILES["cifar10"]:
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_bytes(b"")
+    with pytest.raises(ImportError, match=r"got-reg\[vision\]"):
+        data.load_datasets("cifar10", str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- attacks
+def _tiny_model():
+    torch.manual_seed(0)
+    return models.build_model("digitsnet", 10, in_channels=1, image_size=8)
+
+
+@pytest.mark.parametrize("which", ["pgd", "trades"])
+def test_attacks_stay_in_ball_and_leave_no_trace(which):
+    model = _tiny_model()
+    model.train()
+    model.features.train(False)  # a deliberately mixed state must come back as it was
+    flags = [m.training for m in model.modules()]
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    gen = torch.Generator().manual_seed(0)
+    rng_before = torch.get_rng_state()
+    if which == "pgd":
+        x_adv = attacks.pgd_linf(model, x, y, 0.1, 0.03, 5, generator=gen)
+    else:
+        x_adv = attacks.trades_kl_attack(model, x, 0.1, 0.03, 5, generator=gen)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # own generator: global RNG untouched
+    assert (x_adv - x).abs().max() <= 0.1 + 1e-6 and x_adv.min() >= 0 and x_adv.max() <= 1
+    assert [m.training for m in model.modules()] == flags
+    assert all(p.grad is None for p in model.parameters())
+    assert not x_adv.requires_grad
+
+
+def test_attack_restores_mode_on_error():
+    model = _tiny_model().train()
+
+    def boom(*a):
+        raise RuntimeError("boom")
+
+    model.classifier[2].register_forward_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        attacks.pgd_linf(model, torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), 0.1, 0.03, 2)
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_pgd_beats_clean_on_undefended_model():
+    tr, te, _ = data.load_datasets("digits", train_subset=400, test_subset=200)
+    x, y = data.dataset_tensors(tr)
+    model = _tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(60):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    xt, yt = data.dataset_tensors(te)
+    clean = attacks.accuracy(model, xt, yt)
+    adv = attacks.accuracy(model, attacks.pgd_linf(model, xt, yt, 0.2, 0.05, 10), yt)
+    assert clean > 0.8 and adv < clean - 0.3
+
+
+# ----------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def trained_runs(tmp_path_factory):
+    """A baseline and a GOT-LM run (2 epochs each) shared by the evaluation/plot tests."""
+    root = tmp_path_factory.mktemp("runs")
+    rows = {}
+    for got in ("none", "lm"):
+        rows[got] = train_trades.main(["--out", str(root / got), "--epochs", "2", "--got", got, "--got-beta", "1",
+                                       *TINY])
+    return root, rows
+
+
+def test_train_trades_writes_run_files(trained_runs):
+    root, rows = trained_runs
+    for got in ("none", "lm"):
+        run = root / got
+        for f in ("checkpoint.pt", "model_final.pt", "config.json", "metrics.jsonl", "metrics.csv"):
+            assert (run / f).is_file(), f
+        lines = common.read_metrics(run)
+        assert [r["epoch"] for r in lines] == [1, 2]
+        assert all(_finite_numbers(r) for r in lines)
+        assert (run / "metrics.csv").read_text().count("\n") == 3
+        ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
+        assert ckpt["epoch"] == 2 and {"model", "optimizer", "scheduler", "got", "rng"} <= set(ckpt)
+        assert not list(run.glob(".*.tmp"))
+    assert "got_value" in rows["lm"] and rows["lm"]["loss_got"] > 0
+    assert rows["none"]["loss_got"] == 0
+
+
+@pytest.mark.parametrize("script,extra", [(train_pgd, ["--got", "s"]), (train_pgd, ["--got", "none", "--clean-weight", "0"]),
+                                          (train_trades, ["--got", "lm", "--got-solver", "dual"])])
+def test_training_variants_smoke(tmp_path, script, extra):
+    det_before = torch.are_deterministic_algorithms_enabled()
+    threads_before = torch.get_num_threads()
+    row = script.main(["--out", str(tmp_path / "run"), "--epochs", "1", "--got-beta", "1", *TINY, *extra])
+    assert _finite_numbers(row) and 0 <= row["test_clean_acc"] <= 1
+    assert (tmp_path / "run" / "model_final.pt").is_file()
+    # The run's global settings are put back.
+    assert torch.are_deterministic_algorithms_enabled() == det_before
+    assert torch.get_num_threads() == threads_before
+
+
+def test_refuses_to_clobber_a_run(tmp_path, trained_runs):
+    root, _ = trained_runs
+    target = tmp_path / "copy"
+    shutil.copytree(root / "none", target)
+    with pytest.raises(SystemExit, match="--resume"):
+        train_trades.main(["--out", str(target), "--epochs", "1", *TINY])
+
+
+@pytest.mark.parametrize("solver", ["sinkhorn", "dual"])
+def test_resume_is_bitwise_identical(tmp_path, solver):
+    args = ["--got", "lm", "--got-beta", "1", "--got-solver", solver, *TINY]
+    train_trades.main(["--out", str(tmp_path / "full"), "--epochs", "2", *args])
+    train_trades.main(["--out", str(tmp_path / "split"), "--epochs", "1", *args])
+    train_trades.main(["--out", str(tmp_path / "split"), "--epochs", "2", "--resume", *args])
+    full, split = common.read_metrics(tmp_path / "full"), common.read_metrics(tmp_path / "split")
+    assert _strip_time(full) == _strip_time(split)
+    a = torch.load(tmp_path / "full" / "model_final.pt", weights_only=True)
+    b = torch.load(tmp_path / "split" / "model_final.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigkill_mid_epoch_then_resume(tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(EXAMPLES / "train_trades.py"), "--out", str(out), "--epochs", "40",
+           "--train-subset", "512", "--test-subset", "48", "--num-steps", "3", "--eval-pgd-steps", "1",
+           "--threads", "1", "--quiet", "--got", "lm", "--got-beta", "1"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 60
+        while not (out / "checkpoint.pt").exists():
+            assert proc.poll() is None, proc.stdout.read().decode()
+            assert time.time() < deadline, "no checkpoint after 60 s"
+            time.sleep(0.05)
+        time.sleep(0.3)  # well inside the next epoch
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)  # never torn: written atomically
+    done = ckpt["epoch"]
+    assert 1 <= done < 40
+    assert not (out / "model_final.pt").exists()
+    resume = cmd[:]
+    resume[resume.index("--epochs") + 1] = str(done + 2)
+    subprocess.run(resume + ["--resume"], env=ENV, check=True, capture_output=True, timeout=120)
+    rows = common.read_metrics(out)
+    assert [r["epoch"] for r in rows] == list(range(1, done + 3))
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == done + 2
+    assert (out / "model_final.pt").is_file()
+
+
+def test_torchrun_two_processes(tmp_path):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    if not torchrun.exists():
+        pytest.skip("torchrun not found next to the interpreter")
+    out = tmp_path / "ddp"
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node=2", str(EXAMPLES / "train_trades.py"),
+           "--out", str(out), "--epochs", "1", "--got", "lm", "--got-beta", "1", *TINY]
+    res = subprocess.run(cmd, env=dict(ENV, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=150)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = common.read_metrics(out)
+    assert len(rows) == 1 and _finite_numbers(rows[0]) and rows[0]["loss_got"] > 0
+    assert (out / "model_final.pt").is_file()
+
+
+# ----------------------------------------------------------------------------- evaluation
+def test_evaluate_writes_report(trained_runs):
+    root, _ = trained_runs
+    run = root / "lm"
+    rng_before = torch.get_rng_state()
+    res = evaluate.main([str(run), "--aa-n", "12", "--pgd-steps", "5", "10", "--eps-sweep", "0", "0.15", "0.5",
+                         "--sweep-steps", "5", "--threads", "1", "--quiet"])
+    assert torch.equal(torch.get_rng_state(), rng_before)  # AutoAttack reseeds inside a forked RNG
+    saved = json.loads((run / "eval.json").read_text())
+    assert saved["clean_acc"] == res["clean_acc"]
+    aa = saved["autoattack"]
+    assert 0 <= aa["robust_acc"] <= aa["clean_acc"] <= 1 and aa["n"] == 12
+    assert set(aa["stages"]) <= set(evaluate.AA_ATTACKS) and "square" in aa["alone"]
+    assert [s["eps"] for s in saved["eps_sweep"]] == [0.0, 0.15, 0.5]
+    assert all(math.isfinite(s["acc"]) for s in saved["eps_sweep"])
+    md = (run / "eval.md").read_text()
+    assert "PGD-10" in md and "AutoAttack" in md and "square alone" in md
+    assert (run / "eps_sweep.png").stat().st_size > 1000
+
+
+def test_sanity_checks_flag_masking():
+    fake = {"pgd": {"20": 0.5, "40": 0.6},
+            "eps_sweep": [{"eps": 0.0, "acc": 0.9}, {"eps": 0.3, "acc": 0.5}, {"eps": 0.5, "acc": 0.45}],
+            "autoattack": {"robust_acc": 0.5, "alone": {"apgd-ce": 0.5, "square": 0.3}}}
+    warnings = evaluate.sanity_checks(fake, majority_rate=0.1, n=1000)
+    text = " ".join(warnings)
+    assert "PGD-40" in text and "GRADIENT MASKING" in text and "Square alone" in text
+    ok = {"pgd": {"20": 0.5, "40": 0.5}, "eps_sweep": [{"eps": 0.0, "acc": 0.9}, {"eps": 0.5, "acc": 0.0}]}
+    assert evaluate.sanity_checks(ok, majority_rate=0.1, n=1000) == []
+
+
+def test_plot_latent(trained_runs, tmp_path):
+    root, _ = trained_runs
+    path = plot_latent.main([str(root / "none"), str(root / "lm"), "--n", "30", "--steps", "3",
+                             "--out", str(tmp_path / "latent.png")])
+    assert path.stat().st_size > 1000
+
+
+def test_main_pipeline_smoke(tmp_path):
+    out = tmp_path / "digits"
+    res = subprocess.run([sys.executable, str(EXAMPLES / "main.py"), "--out", str(out), "--epochs", "1",
+                          "--train-subset", "96", "--test-subset", "40", "--aa-n", "8", "--latent-n", "30",
+                          "--eps-sweep", "0", "0.5", "--extra", "--num-steps", "2", "--eval-pgd-steps", "2"],
+                         env=ENV, capture_output=True, text=True, timeout=150)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "| TRADES |" in res.stdout and "| GOT-TRADES-LM |" in res.stdout
+    for f in ("summary.md", "summary.json", "eps_sweep.png", "latent_tsne.png"):
+        assert (out / f).is_file(), f
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["evals"]) == {"trades", "got-trades-lm"}
