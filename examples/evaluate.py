@@ -6,9 +6,11 @@ Reports, on the run's test set (``model.eval()``, true labels):
 * PGD-20 and PGD-40 (L-inf, random start, the run's epsilon and step size -- the paper's
   protocol: MNIST eps=0.3 step 0.01, CIFAR eps=8/255 step 2/255);
 * AutoAttack, standard L-inf version (Croce & Hein 2020) through ``pyautoattack``, on the first
-  ``--aa-n`` test points, plus each of its four attacks run *alone* on the same points
-  (APGD-CE, APGD-T, FAB-T white-box; Square black-box), so Square can be compared with the
-  gradient-based attacks -- Square beating them is a symptom of gradient masking;
+  ``--aa-n`` test points, with a per-attack breakdown: the accuracy after each stage of the
+  standard run (APGD-CE, +APGD-T, +FAB-T white-box, +Square black-box) and Square run *alone* on
+  the same points (``--aa-breakdown individual``: every attack alone), so the black-box attack
+  can be compared with the gradient-based ones -- Square beating them is a symptom of gradient
+  masking;
 * an epsilon sweep of PGD (``--sweep-steps`` steps of size 2.5*eps/steps, Madry et al.) with a
   markdown table and a PNG plot;
 * sanity checks: accuracy must not rise with more PGD steps, must not rise with epsilon, and at

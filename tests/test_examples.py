@@ -17,16 +17,10 @@ import torch.nn as nn
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
-sys.path.insert(0, str(EXAMPLES))
+if str(REPO) not in sys.path:  # import examples/ as a package: no generic top-level names like `data`
+    sys.path.insert(0, str(REPO))
 
-import attacks  # noqa: E402
-import common  # noqa: E402
-import data  # noqa: E402
-import evaluate  # noqa: E402
-import models  # noqa: E402
-import plot_latent  # noqa: E402
-import train_pgd  # noqa: E402
-import train_trades  # noqa: E402
+from examples import attacks, common, data, evaluate, models, plot_latent, train_pgd, train_trades  # noqa: E402
 
 TINY = ["--train-subset", "128", "--test-subset", "48", "--batch-size", "32", "--num-steps", "3",
         "--eval-pgd-steps", "3", "--threads", "1", "--quiet"]
