@@ -255,13 +255,17 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
     """
     previous = (torch.are_deterministic_algorithms_enabled(),
                 torch.is_deterministic_algorithms_warn_only_enabled())
+    set_cublas = enabled and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    if set_cublas:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # deterministic cuBLAS needs it
     if enabled:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by CUDA matmuls
         torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        if set_cublas:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 @contextmanager
@@ -404,10 +408,12 @@ def run_training(args: argparse.Namespace, train_step: TrainStep) -> Dict[str, A
     d = Dist()
     device = pick_device(args.device, d)
     d.init(device)
+    caller_rng = rng_state(None)  # the run seeds the global RNGs; the caller gets its own back
     try:
         with deterministic_algorithms(args.deterministic), num_threads(args.threads):
             return _run(args, train_step, d, device)
     finally:
+        set_rng_state(caller_rng, None)
         d.close()
 
 

@@ -207,12 +207,14 @@ def test_train_trades_writes_run_files(trained_runs):
 def test_training_variants_smoke(tmp_path, script, extra):
     det_before = torch.are_deterministic_algorithms_enabled()
     threads_before = torch.get_num_threads()
+    rng_before = torch.get_rng_state()
     row = script.main(["--out", str(tmp_path / "run"), "--epochs", "1", "--got-beta", "1", *TINY, *extra])
     assert _finite_numbers(row) and 0 <= row["test_clean_acc"] <= 1
     assert (tmp_path / "run" / "model_final.pt").is_file()
     # The run's global settings are put back.
     assert torch.are_deterministic_algorithms_enabled() == det_before
     assert torch.get_num_threads() == threads_before
+    assert torch.equal(torch.get_rng_state(), rng_before)
 
 
 def test_refuses_to_clobber_a_run(tmp_path, trained_runs):
