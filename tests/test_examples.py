@@ -262,6 +262,8 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     done = ckpt["epoch"]
     assert 1 <= done < 40
     assert not (out / "model_final.pt").exists()
+    model, _ = evaluate.load_run(out, torch.device("cpu"), "checkpoint")  # a killed run can be evaluated
+    assert not model.training
     resume = cmd[:]
     resume[resume.index("--epochs") + 1] = str(done + 2)
     subprocess.run(resume + ["--resume"], env=ENV, check=True, capture_output=True, timeout=120)
@@ -314,6 +316,13 @@ def test_sanity_checks_flag_masking():
     assert "PGD-40" in text and "GRADIENT MASKING" in text and "Square alone" in text
     ok = {"pgd": {"20": 0.5, "40": 0.5}, "eps_sweep": [{"eps": 0.0, "acc": 0.9}, {"eps": 0.5, "acc": 0.0}]}
     assert evaluate.sanity_checks(ok, majority_rate=0.1, n=1000) == []
+
+
+def test_adversarial_neighbour_agreement():
+    z = torch.tensor([[0.0, 0.0], [10.0, 10.0]])
+    y = torch.tensor([0, 1])
+    assert plot_latent.adversarial_neighbour_agreement(z, z + 1, y) == 1.0
+    assert plot_latent.adversarial_neighbour_agreement(z, z.flip(0), y) == 0.0
 
 
 def test_plot_latent(trained_runs, tmp_path):
