@@ -159,8 +159,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     first = next(iter(evals.values()))
     plot_sweeps({e["method"]: e["eps_sweep"] for e in evals.values()}, out / "eps_sweep.png",
                 title="digits: PGD-20 accuracy vs eps", chance=first["majority_rate"], train_eps=first["epsilon"])
+    latent: Dict[str, Any] = {}
     if args.latent_n > 0:
         plot_latent([out / name for name in METHODS], out / "latent_tsne.png", n=args.latent_n)
+        latent = json.loads((out / "latent_tsne.json").read_text())
 
     wall = time.time() - t0
     cfg = configs["trades"]
@@ -178,11 +180,14 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         f"lam={cfg['got_lam']}, layer `{cfg['got_layer']}`, solver {args.got_solver}.", "",
         "Sanity checks: " + ("; ".join(warnings) if warnings else "none triggered (PGD-40 <= PGD-20, "
                              "accuracy falls with eps and reaches the majority-class rate at eps = 0.5)."), "",
+        "Latent space (penultimate layer, PGD-20 points): fraction of adversarial features whose nearest other "
+        "clean feature has the same label: " + (", ".join(f"{v['method']} {100 * v['adv_nn_agreement']:.1f}%"
+                                                          for v in latent.values()) or "not computed") + ".", "",
         f"Wall time: {wall:.0f} s ({jobs} parallel job(s), {os.cpu_count()} CPUs).",
         "", "![eps sweep](eps_sweep.png)", "", "![latent](latent_tsne.png)" if args.latent_n > 0 else "",
     ]) + "\n"
     atomic_write_bytes(out / "summary.md", md.encode())
-    summary = {"table": table, "evals": evals, "wall_time_s": round(wall, 1), "jobs": jobs,
+    summary = {"table": table, "evals": evals, "latent": latent, "wall_time_s": round(wall, 1), "jobs": jobs,
                "got_beta": args.got_beta, "warnings": warnings}
     write_json(out / "summary.json", summary)
     print(table)

@@ -4,7 +4,8 @@ For each run, the penultimate features z = g(x) (the layer GOT regularises, ``go
 run's config) of clean test points and of their PGD adversarial examples are embedded jointly
 with t-SNE (scikit-learn) and drawn side by side, coloured by true class: dots = clean,
 crosses = adversarial.  GOT-LM should pull each adversarial cross into the cluster of clean
-dots of its own class.
+dots of its own class; the panel titles give the fraction of adversarial points whose nearest
+*other* clean point (in feature space) has their label, also written to ``<out>.json``.
 
     python examples/plot_latent.py runs/digits-trades-got_none runs/digits-trades-got_lm --out latent.png
 """
@@ -21,11 +22,11 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from attacks import eval_mode, pgd_linf  # type: ignore  # noqa: E402
-    from common import num_threads  # type: ignore  # noqa: E402
+    from common import num_threads, write_json  # type: ignore  # noqa: E402
     from evaluate import load_run, load_test_set, method_name  # type: ignore  # noqa: E402
 else:
     from .attacks import eval_mode, pgd_linf
-    from .common import num_threads
+    from .common import num_threads, write_json
     from .evaluate import load_run, load_test_set, method_name
 
 
@@ -43,7 +44,7 @@ def penultimate_features(model: torch.nn.Module, layer: str, x: torch.Tensor) ->
 
 
 def latent_embedding(run_dir: Path, n: int, steps: int, seed: int, device: torch.device):
-    """``(emb_clean, emb_adv, y, title)``: 2-d t-SNE of clean and PGD features of one run."""
+    """``(emb_clean, emb_adv, y, method, agreement)``: 2-d t-SNE of clean and PGD features of one run."""
     from sklearn.manifold import TSNE
 
     model, cfg = load_run(run_dir, device)
@@ -56,17 +57,21 @@ def latent_embedding(run_dir: Path, n: int, steps: int, seed: int, device: torch
     score = adversarial_neighbour_agreement(z_clean, z_adv, y)
     z = torch.cat([z_clean, z_adv]).cpu().numpy()
     emb = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(z) - 1) / 3), random_state=seed).fit_transform(z)
-    return emb[:len(x)], emb[len(x):], y.cpu().numpy(), f"{method_name(cfg)} (adv-NN agreement {100 * score:.0f}%)"
+    return emb[:len(x)], emb[len(x):], y.cpu().numpy(), method_name(cfg), score
 
 
 def adversarial_neighbour_agreement(z_clean: torch.Tensor, z_adv: torch.Tensor, y: torch.Tensor) -> float:
     """Fraction of adversarial features whose nearest clean feature (Euclidean, in the hooked
     layer, not in t-SNE space) has the adversarial example's true label.
 
-    A number for what the paper's Fig. 6 shows: GOT-LM should push adversarial representations
-    into the clean cluster of their own class.
+    ``z_adv[i]`` is the attack on ``z_clean[i]``; that pair is excluded (the own clean point is
+    usually the nearest and would make the score trivially high).  A number for what the paper's
+    Fig. 6 shows: GOT-LM should push adversarial representations into the clean cluster of their
+    own class.
     """
-    nearest = torch.cdist(z_adv.double(), z_clean.double()).argmin(1)
+    dist = torch.cdist(z_adv.double(), z_clean.double())
+    dist.fill_diagonal_(float("inf"))
+    nearest = dist.argmin(1)
     return (y[nearest] == y).double().mean().item()
 
 
@@ -94,13 +99,16 @@ def _plot_latent(run_dirs, out, n, steps, seed, labels, device) -> Path:
     device = device or torch.device("cpu")
     fig, axes = plt.subplots(1, len(run_dirs), figsize=(4.2 * len(run_dirs), 4.2), squeeze=False)
     cmap = plt.get_cmap("tab10")
+    scores = {}
     for i, run in enumerate(run_dirs):
-        clean, adv, y, title = latent_embedding(Path(run), n, steps, seed, device)
+        clean, adv, y, name, score = latent_embedding(Path(run), n, steps, seed, device)
+        scores[str(run)] = {"method": name, "adv_nn_agreement": score, "n": len(y), "pgd_steps": steps}
+        title = f"{labels[i] if labels else name} (adv-NN agreement {100 * score:.0f}%)"
         ax = axes[0, i]
         colours = cmap(y % 10)
         ax.scatter(clean[:, 0], clean[:, 1], c=colours, s=8, marker="o", alpha=0.7, linewidths=0)
         ax.scatter(adv[:, 0], adv[:, 1], c=colours, s=14, marker="x", alpha=0.8, linewidths=0.8)
-        ax.set_title(labels[i] if labels else title, fontsize=10)
+        ax.set_title(title, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
     handles = [plt.Line2D([], [], ls="", marker="o", color="k", label="clean"),
@@ -110,6 +118,8 @@ def _plot_latent(run_dirs, out, n, steps, seed, labels, device) -> Path:
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(out, dpi=120)
     plt.close(fig)
+    # The numbers behind the titles, for tables.
+    write_json(Path(out).with_suffix(".json"), scores)
     return Path(out)
 
 

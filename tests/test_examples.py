@@ -319,9 +319,9 @@ def test_sanity_checks_flag_masking():
 
 
 def test_adversarial_neighbour_agreement():
-    z = torch.tensor([[0.0, 0.0], [10.0, 10.0]])
-    y = torch.tensor([0, 1])
-    assert plot_latent.adversarial_neighbour_agreement(z, z + 1, y) == 1.0
+    z = torch.tensor([[0.0, 0.0], [0.5, 0.0], [10.0, 10.0], [10.5, 10.0]])
+    y = torch.tensor([0, 0, 1, 1])
+    assert plot_latent.adversarial_neighbour_agreement(z, z + 0.1, y) == 1.0  # own pair excluded
     assert plot_latent.adversarial_neighbour_agreement(z, z.flip(0), y) == 0.0
 
 
@@ -330,6 +330,8 @@ def test_plot_latent(trained_runs, tmp_path):
     path = plot_latent.main([str(root / "none"), str(root / "lm"), "--n", "30", "--steps", "3",
                              "--out", str(tmp_path / "latent.png")])
     assert path.stat().st_size > 1000
+    scores = json.loads(path.with_suffix(".json").read_text())
+    assert len(scores) == 2 and all(0 <= v["adv_nn_agreement"] <= 1 for v in scores.values())
 
 
 def test_main_pipeline_smoke(tmp_path):
