@@ -430,10 +430,13 @@ def _run(args, train_step: TrainStep, d: Dist, device: torch.device) -> Dict[str
             stale.unlink()
     d.barrier()
     resuming = args.resume and ckpt_path.exists()
-    if resuming and d.is_main:
+    if resuming:  # every rank checks, so none is left waiting in a collective if it fails
         _check_resume_config(out, args)
 
-    seed_all(args.seed + d.rank)
+    # The same seed on every rank: DDP broadcasts rank 0's weights anyway, and anything else
+    # initialised from the global RNG (e.g. a lazily built dual potential) must agree across
+    # ranks.  Ranks then draw the same attack noise and dropout masks, applied to different images.
+    seed_all(args.seed)
     train_set, test_set, info = load_datasets(args.dataset, args.data_dir, args.train_subset, args.test_subset)
     loader_gen = torch.Generator().manual_seed(args.seed)
     if d.enabled:
