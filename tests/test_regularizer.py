@@ -257,3 +257,14 @@ def test_deepcopy_of_model_shares_the_capture(model):
     got.remove()
     ema(x)  # inert hooks
     assert got.num_captured == 0
+
+
+def test_building_the_dual_potential_does_not_draw_from_the_global_rng(model):
+    x, xa, y = data()
+    got = GOTRegularizer(model, "classifier.2", solver="dual")
+    lc, la = model(x), model(xa)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    got(lc, la, y)  # first call builds φ
+    torch.testing.assert_close(torch.rand(3), expected)

@@ -63,8 +63,9 @@ class KantorovichPotential(nn.Module):
         return self.linear is not None
 
     def build(self, dim: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.linear = nn.Linear(dim, 1, device=device, dtype=dtype)
-        # Start at φ = 0, whose value (2) is the soft-min cost: a valid lower bound from the first call.
+        # skip_init: no draw from the global RNG, which the user's seeding owns (and which must agree
+        # across DDP ranks). Start at φ = 0, whose value (2) is the soft-min cost: a valid lower bound.
+        self.linear = torch.nn.utils.skip_init(nn.Linear, dim, 1, device=device, dtype=dtype)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
         self.optimizer = torch.optim.Adam(self.linear.parameters(), lr=self.lr)
