@@ -8,4 +8,3 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[test,examples]"
-.venv/bin/python -m pip install -q --no-deps torchattacks
