@@ -165,19 +165,23 @@ class GOTRegularizer(nn.Module):
                 f"adversarial {tuple(z_adv.shape)}, logits batch {B}"
             )
 
-        bad = [n for n, t in (("features of logits_clean", z), ("features of logits_adv", z_adv),
-                              ("logits_clean", logits_clean), ("logits_adv", logits_adv))
-               if not bool(torch.isfinite(t).all())]
+        named = {
+            f"features of logits_clean (layer {self.layer_name!r})": z,
+            f"features of logits_adv (layer {self.layer_name!r})": z_adv,
+            "logits_clean": logits_clean,
+            "logits_adv": logits_adv,
+        }
+        bad = [name for name, t in named.items() if not bool(torch.isfinite(t).all())]
         gather = self.distributed_gather and world_size() > 1
-        if self.nan_policy == "skip" and (any_rank(bool(bad), z.device) if gather else bad):
-            warnings.warn(f"GOT term skipped for this step: non-finite values in {bad or 'another rank'}",
-                          RuntimeWarning, stacklevel=2)
-            self.diagnostics = {"value": math.nan, "loss": 0.0, "skipped": True}
-            return logits_clean.new_zeros((), dtype=torch.float32)
-        for name, t in (("features of logits_clean", z), ("features of logits_adv", z_adv),
-                        ("logits_clean", logits_clean), ("logits_adv", logits_adv)):
-            if name in bad:
-                check_finite(name + f" (layer {self.layer_name!r})" if name.startswith("features") else name, t)
+        if self.nan_policy == "skip":
+            # Under gather the decision must be collective, or the other ranks would wait in all_gather.
+            if any_rank(bool(bad), z.device) if gather else bad:
+                warnings.warn(f"GOT term skipped for this step: non-finite values in {bad or 'another rank'}",
+                              RuntimeWarning, stacklevel=2)
+                self.diagnostics = {"value": math.nan, "loss": 0.0, "skipped": True}
+                return logits_clean.new_zeros((), dtype=torch.float32)
+        elif bad:
+            check_finite(bad[0], named[bad[0]])
 
         if gather:
             z, z_adv = gather_with_grad(z), gather_with_grad(z_adv)
