@@ -1,0 +1,105 @@
+"""The global-batch OT under torch.distributed: 2 gloo processes on CPU against one process."""
+import os
+import socket
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from got_reg import GOTConvergenceWarning, GOTRegularizer
+from got_reg.distributed import gather_with_grad, world_size
+
+OPTS = dict(beta=3.0, label_matching=True, tol=1e-10, max_iter=20000)
+SHARDS = (5, 7)  # uneven on purpose: DistributedSampler without padding, or a last batch
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+
+
+def global_batch():
+    g = torch.Generator().manual_seed(1)
+    n = sum(SHARDS)
+    x = torch.randn(n, 6, generator=g, dtype=torch.float64)
+    return x, x + 0.1 * torch.randn(n, 6, generator=g, dtype=torch.float64), torch.arange(n) % 3
+
+
+def loss_fn(model, got, x, xa, y):
+    lc, la = model(x), model(xa)
+    return nn.functional.cross_entropy(la, y) + got(lc, la, y)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        model = make_model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        got = GOTRegularizer(ddp, "module.3", distributed_gather=True, **OPTS)
+        x, xa, y = global_batch()
+        lo = sum(SHARDS[:rank])
+        sl = slice(lo, lo + SHARDS[rank])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GOTConvergenceWarning)
+            lc, la = ddp(x[sl]), ddp(xa[sl])
+            loss = nn.functional.cross_entropy(la, y[sl]) * SHARDS[rank] * 2 / sum(SHARDS) + got(lc, la, y[sl])
+        loss.backward()
+        t = torch.arange(3.0, requires_grad=True) + rank
+        gathered = gather_with_grad(t[: 1 + rank])
+        (gt,) = torch.autograd.grad(gathered.sum(), t)
+        torch.save({"value": got.diagnostics["value"], "batch": got.diagnostics["batch"],
+                    "grads": [p.grad for p in model.parameters()], "gathered": gathered.detach(), "gt": gt},
+                   os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+def test_two_gloo_ranks_match_the_single_process_global_batch(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+
+    model = make_model()
+    got = GOTRegularizer(model, "3", **OPTS)
+    x, xa, y = global_batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GOTConvergenceWarning)
+        loss_fn(model, got, x, xa, y).backward()
+    # (a) every rank solved the OT over the concatenated global batch
+    assert r0["batch"] == r1["batch"] == sum(SHARDS)
+    assert r0["value"] == pytest.approx(got.diagnostics["value"], rel=1e-10)
+    assert r1["value"] == pytest.approx(got.diagnostics["value"], rel=1e-10)
+    # (b) after DDP's averaging, gradients equal the single-process global-batch gradients
+    for g0, g1, ref in zip(r0["grads"], r1["grads"], [p.grad for p in model.parameters()]):
+        torch.testing.assert_close(g0, ref, rtol=1e-7, atol=1e-10)
+        torch.testing.assert_close(g1, ref)
+    # the gather concatenates uneven shards in rank order and keeps each rank's own gradient only
+    torch.testing.assert_close(r0["gathered"], torch.tensor([0.0, 1.0, 2.0]))
+    torch.testing.assert_close(r0["gt"], torch.tensor([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(r1["gt"], torch.tensor([1.0, 1.0, 0.0]))
+
+
+def test_without_process_group_falls_back_to_local():
+    assert world_size() == 1
+    model = make_model()
+    x, xa, y = global_batch()
+    got = GOTRegularizer(model, "3", distributed_gather=True, **OPTS)
+    plain = GOTRegularizer(model, "3", **OPTS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", GOTConvergenceWarning)
+        lc, la = model(x), model(xa)
+        assert float(got(lc, la, y).detach()) == float(plain(lc, la, y).detach())
+    t = torch.ones(2, requires_grad=True)
+    assert gather_with_grad(t) is t
