@@ -97,7 +97,7 @@ def ot_loss(
     backend: str = "torch",
     potential: Optional[torch.Tensor] = None,
     max_iter: int = 1000,
-    tol: float = 1e-4,
+    tol: float = 1e-3,
 ) -> torch.Tensor:
     r"""Entropic OT value min_P <P, C> + θ · KL(P ‖ abᵀ) between uniform weights (POT's ``ot.solve`` convention).
 
@@ -139,7 +139,7 @@ def got_loss(
     label_matching: bool = False,
     backend: str = "torch",
     max_iter: int = 1000,
-    tol: float = 1e-4,
+    tol: float = 1e-3,
 ) -> torch.Tensor:
     """W_θ between the clean and adversarial joint distributions, from features and logits you already hold.
 

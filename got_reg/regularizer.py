@@ -87,7 +87,7 @@ class GOTRegularizer(nn.Module):
         solver: str = "sinkhorn",
         backend: str = "torch",
         max_iter: int = 1000,
-        tol: float = 1e-4,
+        tol: float = 1e-3,
         dual_lr: float = 1e-2,
         dual_steps: int = 1,
         distributed_gather: bool = False,

@@ -71,7 +71,7 @@ def sinkhorn_log_torch(
     mask: Optional[torch.Tensor] = None,
     *,
     max_iter: int = 1000,
-    tol: float = 1e-4,
+    tol: float = 1e-3,
     scaling: float = 0.8,
     init_log_v: Optional[torch.Tensor] = None,
 ) -> SinkhornResult:
@@ -140,7 +140,7 @@ def _masked_finite(cost: torch.Tensor, mask: Optional[torch.Tensor], theta: floa
 
 @torch.no_grad()
 def sinkhorn_pot(
-    cost: torch.Tensor, theta: float, mask: Optional[torch.Tensor] = None, *, max_iter: int = 1000, tol: float = 1e-4
+    cost: torch.Tensor, theta: float, mask: Optional[torch.Tensor] = None, *, max_iter: int = 1000, tol: float = 1e-3
 ) -> SinkhornResult:
     """POT's ``ot.solve`` with ``method="sinkhorn_log"`` (the plain method overflows in fp32 on costs ≳ 80)."""
     import ot
@@ -161,7 +161,7 @@ def sinkhorn_geomloss(
     mask: Optional[torch.Tensor] = None,
     *,
     scaling: float = 0.9,
-    tol: float = 1e-4,
+    tol: float = 1e-3,
 ) -> SinkhornResult:
     r"""GeomLoss' ``SamplesLoss("sinkhorn", p=1, blur=θ, debias=False)`` on a precomputed matrix.
 
@@ -217,7 +217,7 @@ def solve_sinkhorn(
     *,
     backend: str = "torch",
     max_iter: int = 1000,
-    tol: float = 1e-4,
+    tol: float = 1e-3,
     init_log_v: Optional[torch.Tensor] = None,
     warn: bool = True,
 ) -> SinkhornResult:
