@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Dict, Type, Union
 
 import torch
-import torch.nn.functional as F
 
 from .._checks import check_choice
 
@@ -24,20 +23,24 @@ class FeatureCost:
 class CosineCost(FeatureCost):
     r"""d_x(a, b) = 1 - <a, b> / (|a| |b|), in [0, 2]; the paper's best choice.
 
-    A zero feature vector (possible after ReLU) has no direction; it is given cost 1 to everything,
-    the value of an orthogonal pair, instead of a NaN.
+    A zero feature vector (common after ReLU) has no direction. It gets cost 1 to everything, the
+    value of an orthogonal pair, and zero gradient. ``F.normalize``'s ``x / max(|x|, eps)`` would give
+    it a gradient of 1/eps = 1e8 instead, which blows up training.
     """
 
     name = "cosine"
 
-    def __init__(self, eps: float = 1e-8) -> None:
+    def __init__(self, eps: float = 1e-12) -> None:
         self.eps = eps
 
+    def _unit(self, z: torch.Tensor) -> torch.Tensor:
+        norm = z.norm(dim=1, keepdim=True)
+        nonzero = norm > self.eps
+        return torch.where(nonzero, z / torch.where(nonzero, norm, torch.ones_like(norm)), torch.zeros_like(z))
+
     def pairwise(self, z: torch.Tensor, z_adv: torch.Tensor) -> torch.Tensor:
-        a = F.normalize(z, dim=1, eps=self.eps)
-        b = F.normalize(z_adv, dim=1, eps=self.eps)
         # Rounding can put 1 − cos at −2e-16 for identical vectors; the cost is in [0, 2] by definition.
-        return (1.0 - a @ b.T).clamp(0.0, 2.0)
+        return (1.0 - self._unit(z) @ self._unit(z_adv).T).clamp(0.0, 2.0)
 
 
 class _SafeSqrt(torch.autograd.Function):

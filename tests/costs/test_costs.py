@@ -119,3 +119,16 @@ def test_joint_cost_shape_errors():
         joint_cost(z, z, lg, torch.randn(4, 2))
     with pytest.raises(ValueError, match="batch size"):
         joint_cost(z, z, torch.randn(3, 3), lg)
+
+
+def test_zero_feature_vector_has_cost_one_and_zero_gradient():
+    """Dead-ReLU features: no 1/eps gradient spike (it blew up SmallCNN training in benchmarks)."""
+    z = torch.zeros(2, 4, dtype=torch.float64)
+    z[1] = torch.tensor([1.0, 2.0, 0.0, 0.0])
+    z.requires_grad_(True)
+    za = torch.randn(3, 4, dtype=torch.float64)
+    C = CosineCost().pairwise(z, za)
+    assert torch.equal(C[0], torch.ones(3, dtype=torch.float64))
+    (g,) = torch.autograd.grad(C.sum(), z)
+    assert torch.equal(g[0], torch.zeros(4, dtype=torch.float64))
+    assert torch.isfinite(g).all() and g.abs().max() < 10
