@@ -113,7 +113,7 @@ class FeatureCapture:
         self.active = True
         self._pending: Optional[torch.Tensor] = None
         self._calls = 0
-        self._entries: Dict[int, Tuple[weakref.ref, torch.Tensor, int]] = _Table()
+        self._entries: Dict[int, Tuple[weakref.ref, Optional[torch.Tensor], int]] = _Table()
         self._handles = [
             self.layer.register_forward_hook(_Hook(self, self._on_layer)),
             model.register_forward_pre_hook(_Hook(self, self._on_model_start)),
@@ -134,8 +134,7 @@ class FeatureCapture:
     def _on_model_end(self, module: nn.Module, inputs: Any, output: Any) -> None:
         feature, calls = self._pending, self._calls
         self._pending, self._calls = None, 0
-        if feature is None:
-            return
+        # A forward in which the layer did not run is filed too (feature None), so lookup can say so.
         for out in _output_tensors(output):
             key = id(out)
             ref = weakref.ref(out, self._make_reaper(key))
@@ -173,6 +172,13 @@ class FeatureCapture:
                 )
             rows = _row_slice(output, base, what)
         ref, feature, calls = entry
+        if feature is None:
+            raise LookupError(
+                f"layer {self.layer_name!r} did not run in the forward that produced {what}. If the model is "
+                "torch.compile'd and was called before this GOTRegularizer was built, its cached graph runs no "
+                "hook added later (dynamo does not guard on hooks): build the regulariser before the first "
+                "compiled call, or call torch._dynamo.reset()"
+            )
         if calls != 1:
             raise RuntimeError(
                 f"layer {self.layer_name!r} ran {calls} times in the forward that produced {what}; "

@@ -13,7 +13,9 @@ from torch import nn
 from got_reg import GOTConvergenceWarning, GOTRegularizer
 from got_reg.distributed import gather_with_grad, world_size
 
-OPTS = dict(beta=3.0, label_matching=True, tol=1e-10, max_iter=20000)
+# theta=0.3: Sinkhorn reaches tol=1e-10 in ~100 sweeps here (at 0.1 it takes ~15,000), so the
+# comparison can be tight and fast.
+OPTS = dict(beta=3.0, theta=0.3, label_matching=True, tol=1e-10, max_iter=5000)
 SHARDS = (5, 7)  # uneven on purpose: DistributedSampler without padding, or a last batch
 
 
@@ -56,11 +58,36 @@ def _worker(rank, port, out):
             lc, la = ddp(x[sl]), ddp(xa[sl])
             loss = nn.functional.cross_entropy(la, y[sl]) * SHARDS[rank] * 2 / sum(SHARDS) + got(lc, la, y[sl])
         loss.backward()
+        res = {}
+        # nan_policy="skip" under the gather: one rank's NaN makes every rank skip (no rank left
+        # waiting in all_gather).
+        skip = GOTRegularizer(ddp, "module.3", distributed_gather=True, nan_policy="skip", **OPTS)
+        with torch.no_grad():
+            lc, la = ddp(x[sl]), ddp(xa[sl])
+            if rank == 1:
+                la[0, 0] = float("nan")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                zero = skip(lc, la, y[sl])
+        res["skip"] = (float(zero), skip.diagnostics["skipped"], [str(w.message) for w in caught])
+        # DDP with find_unused_parameters=True returns new tensors (_DDPSink): hooks on the wrapper see them.
+        ddp2 = nn.parallel.DistributedDataParallel(make_model(), find_unused_parameters=True)
+        got2 = GOTRegularizer(ddp2, "3", distributed_gather=True, **OPTS)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", GOTConvergenceWarning)
+            got2(ddp2(x[sl]), ddp2(xa[sl]), y[sl]).backward()
+        res["unused_value"] = got2.diagnostics["value"]
+        inner = GOTRegularizer(ddp2.module, "3", distributed_gather=True, **OPTS)
+        try:
+            inner(ddp2(x[sl]), ddp2(xa[sl]), y[sl])
+            res["inner"] = "ok"
+        except Exception as e:  # recorded for the report only
+            res["inner"] = f"{type(e).__name__}: {e}"
         t = torch.arange(3.0, requires_grad=True) + rank
         gathered = gather_with_grad(t[: 1 + rank])
         (gt,) = torch.autograd.grad(gathered.sum(), t)
         torch.save({"value": got.diagnostics["value"], "batch": got.diagnostics["batch"],
-                    "grads": [p.grad for p in model.parameters()], "gathered": gathered.detach(), "gt": gt},
+                    "grads": [p.grad for p in model.parameters()], "gathered": gathered.detach(), "gt": gt, **res},
                    os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -89,6 +116,14 @@ def test_two_gloo_ranks_match_the_single_process_global_batch(tmp_path):
     torch.testing.assert_close(r0["gathered"], torch.tensor([0.0, 1.0, 2.0]))
     torch.testing.assert_close(r0["gt"], torch.tensor([1.0, 0.0, 0.0]))
     torch.testing.assert_close(r1["gt"], torch.tensor([1.0, 1.0, 0.0]))
+    # one rank's NaN: both ranks skip with a warning and a zero loss
+    for r, name in ((r0, "another rank"), (r1, "logits_adv")):
+        value, skipped, messages = r["skip"]
+        assert value == 0.0 and skipped and any("skipped" in m and name in m for m in messages)
+    # find_unused_parameters=True (outputs re-wrapped by DDP): the same global value
+    assert r0["unused_value"] == pytest.approx(got.diagnostics["value"], rel=1e-10)
+    assert r1["unused_value"] == pytest.approx(got.diagnostics["value"], rel=1e-10)
+    print("regulariser on the inner module, forwards through DDP(find_unused_parameters=True):", r0["inner"])
 
 
 def test_without_process_group_falls_back_to_local():
@@ -103,3 +138,11 @@ def test_without_process_group_falls_back_to_local():
         assert float(got(lc, la, y).detach()) == float(plain(lc, la, y).detach())
     t = torch.ones(2, requires_grad=True)
     assert gather_with_grad(t) is t
+
+
+def test_data_parallel_is_refused_with_a_clear_message():
+    model = make_model()
+    with pytest.raises(TypeError, match="DataParallel is not supported.*DistributedDataParallel"):
+        GOTRegularizer(nn.DataParallel(model), "module.3")
+    with pytest.raises(TypeError, match="DataParallel is not supported"):
+        GOTRegularizer(nn.DataParallel(model), model[3])
