@@ -25,9 +25,7 @@ def semidual_value(
     cost: torch.Tensor, phi: torch.Tensor, theta: float, mask: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """S_θ(φ) of (2) for a (B, B') cost and potentials φ (B,) on the clean side; differentiable in both."""
-    X = (phi[:, None] - cost) / theta
-    if mask is not None:
-        X = X.masked_fill(~mask, -math.inf)
+    X = _scores(cost, phi, theta, mask)
     c_transform = -theta * (torch.logsumexp(X, dim=0) - math.log(cost.shape[0]))
     return phi.mean() + c_transform.mean()
 
@@ -37,10 +35,13 @@ def semidual_plan(
     cost: torch.Tensor, phi: torch.Tensor, theta: float, mask: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """The plan implied by φ and its c-transform; its columns sum to 1/B' exactly, its rows only at the optimum."""
+    return torch.softmax(_scores(cost, phi, theta, mask), dim=0) / cost.shape[1]
+
+
+def _scores(cost: torch.Tensor, phi: torch.Tensor, theta: float, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """(φ_i − C_ij)/θ, with forbidden pairs at −∞ (C = +∞ there)."""
     X = (phi[:, None] - cost) / theta
-    if mask is not None:
-        X = X.masked_fill(~mask, -math.inf)
-    return torch.softmax(X, dim=0) / cost.shape[1]
+    return X if mask is None else X.masked_fill(~mask, -math.inf)
 
 
 class KantorovichPotential(nn.Module):
