@@ -148,6 +148,8 @@ def main(argv=None):
         for g in regs.values():
             if g is not None:
                 g.remove()
+        write(a, results, load_before, t0)  # after every batch size: a long run leaves its results early
+def write(a, results, load_before, t0):
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     env = dict(machine=machine(), load_before=load_before, load_after=load(), minutes=(time.time() - t0) / 60)
@@ -164,6 +166,8 @@ def main(argv=None):
               for r in results]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(out.with_suffix(".md").read_text())
+
+
 
 
 if __name__ == "__main__":

@@ -173,15 +173,20 @@ class GOTRegularizer(nn.Module):
         }
         bad = [name for name, t in named.items() if not bool(torch.isfinite(t).all())]
         gather = self.distributed_gather and world_size() > 1
-        if self.nan_policy == "skip":
-            # Under gather the decision must be collective, or the other ranks would wait in all_gather.
-            if any_rank(bool(bad), z.device) if gather else bad:
+        # Under gather the decision (skip or raise) must be collective: a rank that left alone would
+        # leave the others waiting in all_gather until the process-group timeout.
+        if any_rank(bool(bad), z.device) if gather else bad:
+            if self.nan_policy == "skip":
                 warnings.warn(f"GOT term skipped for this step: non-finite values in {bad or 'another rank'}",
                               RuntimeWarning, stacklevel=2)
                 self.diagnostics = {"value": math.nan, "loss": 0.0, "skipped": True}
                 return logits_clean.new_zeros((), dtype=torch.float32)
-        elif bad:
-            check_finite(bad[0], named[bad[0]])
+            if bad:
+                check_finite(bad[0], named[bad[0]])
+            raise FloatingPointError(
+                "another rank's features or logits hold NaN/inf (distributed_gather=True): every rank raises "
+                "so that none waits in all_gather; nan_policy='skip' skips the GOT term on all ranks instead"
+            )
 
         if gather:
             z, z_adv = gather_with_grad(z), gather_with_grad(z_adv)

@@ -166,15 +166,10 @@ def test_skip_follows_a_non_finite_value_on_another_rank(monkeypatch):
         assert float(got(model(x), model(xa), y)) == 0.0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "library: with distributed_gather and nan_policy='raise' the finiteness check is local, so the rank "
-    "with the NaN raises while the others block in all_gather (until the process-group timeout, or for "
-    "good if the exception is caught). Fix in GOTRegularizer.forward: under gather, decide with "
-    "any_rank(bool(bad)) for 'raise' too, and raise on every rank."))
 def test_raise_follows_a_non_finite_value_on_another_rank(monkeypatch):
     _pretend_another_rank_is_non_finite(monkeypatch)
     model = make_model()
     x, xa, y = global_batch()
     got = GOTRegularizer(model, "3", distributed_gather=True, **OPTS)
-    with pytest.raises(FloatingPointError):
+    with pytest.raises(FloatingPointError, match="another rank.*every rank raises"):
         got(model(x), model(xa), y)

@@ -43,6 +43,38 @@ class SinkhornResult:
     log_v: Optional[torch.Tensor] = None  # scaled column potential g/θ, for warm starts
 
 
+# torch's vectorised CPU exp() takes a slow path, 10-40x slower per element, when the result is
+# subnormal or zero (fp32 argument below about -87). After the max is subtracted, a log-sum-exp term
+# that small cannot change a sum that is >= 1, and near-diagonal plans of adversarial pairs are made of
+# such terms; flooring the argument first gives the same sums at full speed (measured: 2-3.5x per
+# solve at B >= 512, benchmarks/bench_solvers.py). Not needed on GPUs, whose exp has no slow path.
+_EXP_FLOOR = {torch.float32: -87.0, torch.float64: -708.0}
+
+
+def _floor(x: torch.Tensor) -> Optional[float]:
+    return _EXP_FLOOR.get(x.dtype) if x.device.type == "cpu" else None
+
+
+def _logsumexp(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``torch.logsumexp(x, dim)`` for the solver's B×B scores (a −∞ row or column stays −∞)."""
+    floor = _floor(x)
+    if floor is None:
+        return torch.logsumexp(x, dim)
+    m = x.amax(dim, keepdim=True)
+    finite = torch.isfinite(m)
+    y = (x - torch.where(finite, m, torch.zeros_like(m))).clamp_min_(floor)
+    out = y.exp_().sum(dim).log_() + m.squeeze(dim)
+    return torch.where(finite.squeeze(dim), out, m.squeeze(dim))
+
+
+def _exp(x: torch.Tensor) -> torch.Tensor:
+    """``torch.exp(x)`` with subnormal results flushed to 0 (masked −∞ entries give exactly 0)."""
+    floor = _floor(x)
+    if floor is None:
+        return torch.exp(x)
+    return x.clamp_min(floor).exp_().masked_fill_(x < floor, 0.0)
+
+
 class _Envelope(torch.autograd.Function):
     """value(C) with dvalue/dC = plan (Danskin); the solve itself ran outside autograd."""
 
@@ -101,28 +133,30 @@ def sinkhorn_log_torch(
         eps = float(finite.max() - finite.min())
         g = torch.zeros(Bp, dtype=C.dtype, device=C.device)
         while eps > theta and it < max_iter:
-            f = -eps * (torch.logsumexp((g[None, :] - C) / eps, dim=1) + log_b)
-            g = -eps * (torch.logsumexp((f[:, None] - C) / eps, dim=0) + log_a)
+            f = -eps * (_logsumexp((g[None, :] - C) / eps, dim=1) + log_b)
+            g = -eps * (_logsumexp((f[:, None] - C) / eps, dim=0) + log_a)
             eps *= scaling
             it += 1
         v = g / theta
     else:
         v = init_log_v.to(C)
     M = C / (-theta)
-    u = -torch.logsumexp(M + v[None, :], dim=1) - log_b
+    u = -_logsumexp(M + v[None, :], dim=1) - log_b
     err = math.inf
     while it < max_iter:
-        v = -torch.logsumexp(M + u[:, None], dim=0) - log_a
+        v = -_logsumexp(M + u[:, None], dim=0) - log_a
         it += 1
-        lse_row = torch.logsumexp(M + v[None, :], dim=1)
+        lse_row = _logsumexp(M + v[None, :], dim=1)
         # Row sums of the current plan, a_i · exp(u_i + lse_row_i + log b), compared with a_i.
         err = float(torch.expm1(u + lse_row + log_b).abs().mean())
         if err <= tol:
             break
         u = -lse_row - log_b
-    converged = err <= tol
     value = theta * (u.mean() + v.mean())
-    plan = torch.exp(M + u[:, None] + v[None, :] + (log_a + log_b))
+    plan = _exp(M + u[:, None] + v[None, :] + (log_a + log_b))
+    if not math.isfinite(err):  # max_iter ran out during the annealing: measure the plan instead
+        err = marginal_error(plan)
+    converged = err <= tol
     return SinkhornResult(value, plan, it, err, converged, v)
 
 
@@ -197,7 +231,7 @@ def sinkhorn_geomloss(
         torch.set_grad_enabled(grad_mode)
     F, G = F.detach().reshape(B), G.detach().reshape(Bp)
     value = F.mean() + G.mean()
-    plan = torch.exp((F[:, None] + G[None, :] - C) / theta - math.log(B) - math.log(Bp))
+    plan = _exp((F[:, None] + G[None, :] - C) / theta - math.log(B) - math.log(Bp))
     if mask is not None:
         plan = plan.masked_fill(~mask, 0.0)
     err = marginal_error(plan)

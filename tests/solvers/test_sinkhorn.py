@@ -119,10 +119,33 @@ def test_masked_entries_never_produce_nan_even_when_huge():
         assert torch.isfinite(v) and torch.isfinite(g).all()
 
 
-def test_non_convergence_warns_with_knob():
+@pytest.mark.parametrize("max_iter", [5, 400])  # 5 stops inside the ε-annealing, 400 at θ
+def test_non_convergence_warns_with_knob(max_iter):
     C = random_cost(64, seed=9, dtype=torch.float32)
-    with pytest.warns(GOTConvergenceWarning, match="raise max_iter"):
-        solve_sinkhorn(C, 0.01, tol=1e-9, max_iter=5)
+    with pytest.warns(GOTConvergenceWarning, match="raise max_iter") as rec:
+        res = solve_sinkhorn(C, 0.01, tol=1e-9, max_iter=max_iter)
+    assert math.isfinite(res.marginal_error) and res.marginal_error > 1e-9
+    assert "inf" not in str(rec[0].message).split("marginal error")[1].split("after")[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_floored_logsumexp_and_exp_match_torch(dtype):
+    """The solver's CPU log-sum-exp floors exponents whose exp is subnormal: the sums must not change."""
+    from got_reg.solvers.sinkhorn import _exp, _logsumexp
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(64, 48, generator=g, dtype=dtype) * 400).clamp_max(0)  # most terms far below −87
+    x[3] = -math.inf  # a fully forbidden row stays −∞
+    x[5, :40] = -math.inf
+    for dim in (0, 1):
+        ref, got = torch.logsumexp(x, dim), _logsumexp(x, dim)
+        assert torch.equal(torch.isinf(ref), torch.isinf(got))
+        fin = torch.isfinite(ref)
+        torch.testing.assert_close(got[fin], ref[fin], rtol=4 * torch.finfo(dtype).eps, atol=0)
+    e = _exp(x)
+    normal = torch.exp(x) >= torch.finfo(dtype).tiny
+    assert torch.equal(e[normal], torch.exp(x)[normal])
+    assert (e[~normal] == 0).all() and (e[torch.isinf(x)] == 0).all()
 
 
 def test_fp32_large_costs_do_not_overflow():
