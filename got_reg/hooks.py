@@ -168,7 +168,8 @@ class FeatureCapture:
                     f"no features recorded for {what}: pass the tensor returned by the model's forward "
                     f"(or a row slice of it, e.g. logits.chunk(2)), not a copy or a transform of it "
                     f"(.float(), .clone(), arithmetic). The hooked layer {self.layer_name!r} must run inside "
-                    "that forward."
+                    "that forward, and the regulariser must be built on the module you call: on a "
+                    "DistributedDataParallel wrapper itself, not its .module (DDP can return new output tensors)."
                 )
             rows = _row_slice(output, base, what)
         ref, feature, calls = entry
