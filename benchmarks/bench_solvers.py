@@ -40,6 +40,7 @@ from _common import adversarial_batch, load, machine, median_time, newton_refere
 
 from got_reg import GOTConvergenceWarning  # noqa: E402
 from got_reg.functional import joint_cost, label_mask  # noqa: E402
+from got_reg.solvers.sinkhorn import _RowLogSumExp  # noqa: E402
 from got_reg.solvers import (  # noqa: E402
     KantorovichPotential, entropic_ot, marginal_error, semidual_plan, semidual_value, solve_sinkhorn,
 )
@@ -131,59 +132,35 @@ def pot_iterations(cost, mask, tol, max_iter):
     return int(log["niter"]) + 1
 
 
-# -- the candidate speed-ups: the same solver with (a) the exponent clamped, (b) one reused B×B buffer -------
-# On this CPU (torch's AVX2 exp) exp() of arguments below about −87 (fp32 results that are denormal or 0)
-# takes a slow path, ~40–100× slower per element than in-range arguments. After the max is subtracted, a
-# log-sum-exp term below e^−87 ≈ 1.6e-38 cannot change a sum that is ≥ 1 in fp32 (e^−708 in fp64), so
-# clamping the argument at that floor gives the same sums, and the same iterations, without the slow path.
-EXP_FLOOR = {torch.float32: -87.0, torch.float64: -708.0}
-
-
-def _lse(x, dim, *, clamp=False, inplace=False):
-    """logsumexp of x along dim; ``inplace`` destroys x (no B×B temporary), ``clamp`` floors the exponent."""
-    m = x.amax(dim, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    y = x.sub_(m) if inplace else x - m
-    if clamp:
-        y = y.clamp_min_(EXP_FLOOR[x.dtype])
-    return y.exp_().sum(dim).log_().add_(m.squeeze(dim))
-
-
+# -- the same solver without got-reg's CPU log-sum-exp (the code before 0.1.0's blocked, floored one) -------
+# On this CPU torch's vectorised exp() of arguments below about −87 (fp32 results that are subnormal or 0)
+# takes a slow path, 10–40× slower per element than in-range arguments, and every B×B temporary of a
+# log-sum-exp goes through the allocator (mmap + page faults above 128 kB) and through memory. got-reg
+# floors the exponent (a term below e^−87 cannot change a sum ≥ 1) and works in 1 MB row blocks of one
+# reused buffer (got_reg.solvers.sinkhorn._RowLogSumExp). This plain version measures what that saves.
 @torch.no_grad()
-def sinkhorn_variant(cost, theta, mask=None, *, max_iter=1000, tol=1e-3, scaling=0.8, clamp=True, buffered=True):
-    """got_reg.solvers.sinkhorn.sinkhorn_log_torch line for line, with the log-sum-exps of ``_lse``."""
+def sinkhorn_plain(cost, theta, mask=None, *, max_iter=1000, tol=1e-3, scaling=0.8):
+    """got_reg.solvers.sinkhorn.sinkhorn_log_torch line for line, with torch.logsumexp on B×B temporaries."""
     B, Bp = cost.shape
     log_a, log_b = -math.log(B), -math.log(Bp)
-    C = cost.float() if cost.dtype in (torch.float16, torch.bfloat16) else cost
-    if mask is not None:
-        C = C.masked_fill(~mask, math.inf)
-    buf = torch.empty_like(C) if buffered else None
-
-    def lse(x_plus, M, dim):  # x_plus: the (B,1) or (1,B) potential to add to M
-        X = torch.add(M, x_plus, out=buf) if buffered else M + x_plus
-        return _lse(X, dim, clamp=clamp, inplace=True)
-
-    def lse_scaled(x_minus, eps, dim):  # logsumexp((x − C)/eps)
-        X = torch.sub(x_minus, C, out=buf).div_(eps) if buffered else (x_minus - C) / eps
-        return _lse(X, dim, clamp=clamp, inplace=True)
-
+    C = cost if mask is None else cost.masked_fill(~mask, math.inf)
     it = 0
     finite = C[torch.isfinite(C)]
     eps = float(finite.max() - finite.min())
     g = torch.zeros(Bp, dtype=C.dtype, device=C.device)
     while eps > theta and it < max_iter:
-        f = -eps * (lse_scaled(g[None, :], eps, 1) + log_b)
-        g = -eps * (lse_scaled(f[:, None], eps, 0) + log_a)
+        f = -eps * (torch.logsumexp((g[None, :] - C) / eps, dim=1) + log_b)
+        g = -eps * (torch.logsumexp((f[:, None] - C) / eps, dim=0) + log_a)
         eps *= scaling
         it += 1
     v = g / theta
     M = C / (-theta)
-    u = -lse(v[None, :], M, 1) - log_b
+    u = -torch.logsumexp(M + v[None, :], dim=1) - log_b
     err = math.inf
     while it < max_iter:
-        v = -lse(u[:, None], M, 0) - log_a
+        v = -torch.logsumexp(M + u[:, None], dim=0) - log_a
         it += 1
-        lse_row = lse(v[None, :], M, 1)
+        lse_row = torch.logsumexp(M + v[None, :], dim=1)
         err = float(torch.expm1(u + lse_row + log_b).abs().mean())
         if err <= tol:
             break
@@ -194,7 +171,7 @@ def sinkhorn_variant(cost, theta, mask=None, *, max_iter=1000, tol=1e-3, scaling
 
 
 def bandwidth_rows(batches, device, repeats):
-    """Per-iteration cost of the torch solver's loop body against a streaming bound, and the buffered variant."""
+    """Per-iteration cost of the torch solver's loop body (library and plain) against a streaming bound."""
     rows = []
     for B in batches:
         z, za, lg, lga, y = adversarial_batch(B, 512, 10, device)
@@ -202,18 +179,14 @@ def bandwidth_rows(batches, device, repeats):
         v = solve_sinkhorn(C, THETA, max_iter=30, warn=False).log_v  # potentials of realistic size
         Mx = C / -THETA
         u = -torch.logsumexp(Mx + v[None, :], 1) + math.log(B)
-        buf = torch.empty_like(Mx)
+        rows_lse, cols_lse = _RowLogSumExp(C), _RowLogSumExp(C.T.contiguous())
         r = max(3, repeats)
         t_read = median_time(lambda: Mx.sum(), r, device)
         t_exp = median_time(lambda: Mx.exp().sum(), r, device)
-        t_lib = median_time(lambda: (torch.logsumexp(Mx + u[:, None], 0), torch.logsumexp(Mx + v[None, :], 1)), r, device)
-        t_clamp = median_time(lambda: (_lse(Mx + u[:, None], 0, clamp=True, inplace=True),
-                                       _lse(Mx + v[None, :], 1, clamp=True, inplace=True)), r, device)
-        t_buf = median_time(lambda: (_lse(torch.add(Mx, u[:, None], out=buf), 0, clamp=True, inplace=True),
-                                     _lse(torch.add(Mx, v[None, :], out=buf), 1, clamp=True, inplace=True)), r, device)
+        t_plain = median_time(lambda: (torch.logsumexp(Mx + u[:, None], 0), torch.logsumexp(Mx + v[None, :], 1)), r, device)
+        t_lib = median_time(lambda: (cols_lse(u, -1 / THETA), rows_lse(v, -1 / THETA)), r, device)
         rows.append(dict(B=B, read_ms=1e3 * t_read, read_GBps=4 * B * B / t_read / 1e9, exp_sum_ms=1e3 * t_exp,
-                         bound_ms=2e3 * t_read, iter_lib_ms=1e3 * t_lib, iter_clamp_ms=1e3 * t_clamp,
-                         iter_buffered_ms=1e3 * t_buf))
+                         bound_ms=2e3 * t_read, iter_plain_ms=1e3 * t_plain, iter_lib_ms=1e3 * t_lib))
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -317,8 +290,7 @@ def main(argv=None):
 
     iters = iteration_rows(a, device)
     bw = bandwidth_rows([B for B in a.batch if B >= 256] or a.batch[-1:], device, a.repeats)
-    # (the whole-solve comparison of the buffered variant is in buffered_rows)
-    buffered = buffered_rows(a, device)
+    plain = plain_rows(a, device)
     agree = reference_check(a, device)
     memory = {}
     for method in (a.memory_methods or a.methods):
@@ -329,12 +301,12 @@ def main(argv=None):
         print(method, "peak extra MB at B =", a.memory_batch, "D = 640:", memory[method], flush=True)
     env = dict(machine=machine(), load_before=load_before, load_after=load(), minutes=(time.time() - t0) / 60,
                theta=THETA, tol=a.tol, max_iter=a.max_iter, threads=torch.get_num_threads())
-    write(a, env, rows, iters, bw, buffered, agree, memory)
+    write(a, env, rows, iters, bw, plain, agree, memory)
 
 
 def rebuild(a):
     """Tables from the JSON lines an interrupted run printed (each section prints one line per row)."""
-    rows, iters, bw, buffered, agree, memory = [], [], [], [], [], {}
+    rows, iters, bw, plain, agree, memory = [], [], [], [], [], {}
     for line in Path(a.from_log).read_text().splitlines():
         if " peak extra MB at B = " in line:
             m, v = line.split(" peak extra MB", 1)[0], line.rsplit(":", 1)[1].strip()
@@ -343,13 +315,13 @@ def rebuild(a):
         if not line.startswith("{"):
             continue
         r = json.loads(line)
-        ({"method": rows, "cloud": iters, "read_ms": bw, "iterations_lib": buffered, "newton_steps": agree}
+        ({"method": rows, "cloud": iters, "read_ms": bw, "iterations_lib": plain, "newton_steps": agree}
          [next(k for k in ("newton_steps", "method", "cloud", "read_ms", "iterations_lib") if k in r)]).append(r)
     agree_iters = [r for r in iters if "newton_steps" not in r]
     set_threads(a.threads)
     env = dict(machine=machine(), load_before="(rebuilt from a log)", load_after=load(), minutes=float("nan"),
                theta=THETA, tol=a.tol, max_iter=a.max_iter, threads=torch.get_num_threads())
-    write(a, env, rows, agree_iters, bw, buffered, agree, memory)
+    write(a, env, rows, agree_iters, bw, plain, agree, memory)
 
 
 def memory_probe(method, B, D, M, masked, tol, max_iter, device):
@@ -392,8 +364,8 @@ def iteration_rows(a, device):
     return rows
 
 
-def buffered_rows(a, device):
-    """The whole torch solve: library vs the clamped and the clamped + buffered variants (interleaved)."""
+def plain_rows(a, device):
+    """The whole torch solve: library vs the plain torch.logsumexp version (interleaved), same iterations."""
     from got_reg.solvers.sinkhorn import sinkhorn_log_torch
 
     rows = []
@@ -404,15 +376,11 @@ def buffered_rows(a, device):
             mask = label_mask(y) if masked else None
             kw = dict(tol=a.tol, max_iter=a.max_iter)
             fns = {"lib": lambda: sinkhorn_log_torch(C, THETA, mask, **kw),
-                   "clamp": lambda: sinkhorn_variant(C, THETA, mask, clamp=True, buffered=False, **kw),
-                   "clamp+buffer": lambda: sinkhorn_variant(C, THETA, mask, clamp=True, buffered=True, **kw)}
+                   "plain": lambda: sinkhorn_plain(C, THETA, mask, **kw)}
             lib = fns["lib"]()
-            row = dict(B=B, mask=masked, iterations_lib=lib.iterations)
-            for name in ("clamp", "clamp+buffer"):
-                val, plan, it, err = fns[name]()
-                row[f"iterations {name}"] = it
-                row[f"value diff {name}"] = abs(float(lib.value) - float(val))
-                row[f"plan diff {name}"] = float((lib.plan - plan).abs().sum())
+            val, plan, it, err = fns["plain"]()
+            row = dict(B=B, mask=masked, iterations_lib=lib.iterations, iterations_plain=it,
+                       value_diff=abs(float(lib.value) - float(val)), plan_diff_L1=float((lib.plan - plan).abs().sum()))
             ts = {n: [] for n in fns}
             for _ in range(max(1, a.repeats)):
                 for n, fn in fns.items():
@@ -423,7 +391,7 @@ def buffered_rows(a, device):
                     ts[n].append(time.perf_counter() - t)
             for n in fns:
                 row[f"{n} ms"] = 1e3 * statistics.median(ts[n])
-            row["speed-up clamp+buffer"] = row["lib ms"] / row["clamp+buffer ms"]
+            row["speed-up"] = row["plain ms"] / row["lib ms"]
             rows.append(row)
             print(json.dumps(row), flush=True)
     return rows
@@ -465,11 +433,11 @@ def table(rows, cols):
     return lines
 
 
-def write(a, env, rows, iters, bw, buffered, agree, memory):
+def write(a, env, rows, iters, bw, plain, agree, memory):
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(dict(env=env, machine=env["machine"], rows=rows, iterations=iters,
-                                                        bandwidth=bw, buffered=buffered, reference_check=agree,
+                                                        bandwidth=bw, plain_vs_lib=plain, reference_check=agree,
                                                         memory_mb=memory), indent=1, default=str))
     L = [f"# OT solver benchmark\n",
          f"Machine: {env['machine']}; {env['load_before']} at the start, {env['load_after']} at the end "
@@ -519,29 +487,27 @@ def write(a, env, rows, iters, bw, buffered, agree, memory):
     if bw:
         L += ["", "## Per-iteration time against a streaming bound (fp32 B×B, no mask)\n",
               "An iteration reads the B×B matrix at least twice (one log-sum-exp per side): bound = 2 × time of "
-              "`x.sum()`. iter lib = got-reg's loop body (`logsumexp(M + u[:, None], 0)` and `logsumexp(M + v, 1)`); "
-              "iter clamp = the same with the exponent floored at −87 before exp (see `_lse`); iter buffered = clamp with one "
-              "reused buffer. x = the solver's own −C/θ plus potentials. "
-              "Solve/iter = torch solve time (table above, cost + backward included) / iterations.\n"]
+              "`x.sum()`. iter plain = the loop body with `torch.logsumexp(M + u[:, None], 0)` and "
+              "`torch.logsumexp(M + v, 1)` on B×B temporaries; iter lib = got-reg's loop body (`_RowLogSumExp` on C "
+              "and Cᵀ: 1 MB row blocks of one reused buffer, exponent floored at −87). x = the solver's own −C/θ plus "
+              "potentials. Solve/iter = torch solve time (table above, cost + backward included) / iterations.\n"]
         solve = {r["B"]: r for r in rows if r["method"] == "torch" and not r["mask"] and r["D"] == a.dim
                  and r["M"] == a.classes and "ms" in r}
         for r in bw:
             s = solve.get(r["B"])
             r["solve_per_iter_ms"] = s["ms"] / s["iterations"] if s and s.get("iterations", 0) > 0 else None
+            r["plain / bound"] = r["iter_plain_ms"] / r["bound_ms"]
             r["lib / bound"] = r["iter_lib_ms"] / r["bound_ms"]
-            r["clamp / bound"] = r["iter_clamp_ms"] / r["bound_ms"]
-            r["buffered / bound"] = r["iter_buffered_ms"] / r["bound_ms"]
         L += table(bw, [("B", ("B", None)), ("read ms", ("read_ms", ".3f")), ("read GB/s", ("read_GBps", ".1f")),
                         ("x.exp().sum() ms", ("exp_sum_ms", ".3f")), ("bound ms", ("bound_ms", ".3f")),
-                        ("iter lib ms", ("iter_lib_ms", ".3f")), ("iter clamp ms", ("iter_clamp_ms", ".3f")),
-                        ("iter buffered ms", ("iter_buffered_ms", ".3f")),
-                        ("solve/iter ms", ("solve_per_iter_ms", ".3f")), ("lib / bound", ("lib / bound", ".1f")), ("clamp / bound", ("clamp / bound", ".1f")),
-                        ("buffered / bound", ("buffered / bound", ".1f"))])
-    if buffered:
-        L += ["", "## Candidate speed-up: whole torch solve (no cost, no backward), library vs clamped exponent vs "
-                  "clamped + one reused buffer (interleaved, median)\n"]
-        L += table(buffered, [(k, (k, ".1f" if k.endswith("ms") or k.startswith("speed") else
-                                   (".1e" if "diff" in k else None))) for k in buffered[0]])
+                        ("iter plain ms", ("iter_plain_ms", ".3f")), ("iter lib ms", ("iter_lib_ms", ".3f")),
+                        ("solve/iter ms", ("solve_per_iter_ms", ".3f")), ("plain / bound", ("plain / bound", ".1f")),
+                        ("lib / bound", ("lib / bound", ".1f"))])
+    if plain:
+        L += ["", "## Whole torch solve (no cost, no backward): library vs the plain torch.logsumexp version "
+                  "(interleaved, median)\n"]
+        L += table(plain, [(k, (k, ".1f" if k.endswith("ms") or k.startswith("speed") else
+                                (".1e" if "diff" in k else None))) for k in plain[0]])
     if memory:
         L += ["", f"## Peak extra memory of one call (MB; fresh process, B = {a.memory_batch}, D = 640, M = 10, "
               f"max_iter = {a.memory_max_iter}, above the resident size before the call; warm-up at B = 64)\n", "| method | MB |", "|---|---|"]

@@ -129,20 +129,29 @@ def test_non_convergence_warns_with_knob(max_iter):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_floored_logsumexp_and_exp_match_torch(dtype):
-    """The solver's CPU log-sum-exp floors exponents whose exp is subnormal: the sums must not change."""
-    from got_reg.solvers.sinkhorn import _exp, _logsumexp
+def test_blocked_floored_logsumexp_and_exp_match_torch(dtype, monkeypatch):
+    """The solver's CPU log-sum-exp (row blocks, exponents floored where exp is subnormal) = torch's."""
+    from got_reg.solvers import sinkhorn
 
+    monkeypatch.setattr(sinkhorn, "_BLOCK_ELEMENTS", 5 * 48)  # 5-row blocks: 13 blocks, the last one short
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(64, 48, generator=g, dtype=dtype) * 400).clamp_max(0)  # most terms far below −87
-    x[3] = -math.inf  # a fully forbidden row stays −∞
-    x[5, :40] = -math.inf
-    for dim in (0, 1):
-        ref, got = torch.logsumexp(x, dim), _logsumexp(x, dim)
-        assert torch.equal(torch.isinf(ref), torch.isinf(got))
+    A = (torch.randn(64, 48, generator=g, dtype=dtype) * 40).abs()  # most terms far below e^−87 at scale −10
+    A[5, :40] = math.inf  # forbidden entries
+    w = torch.randn(48, generator=g, dtype=dtype) * 30
+    lse = sinkhorn._RowLogSumExp(A)
+    assert lse.buf.shape == (5, 48)
+    for scale in (-10.0, -0.5):
+        ref, got = torch.logsumexp(scale * A + w, 1), lse(w, scale)
+        assert torch.isfinite(ref).all()
         fin = torch.isfinite(ref)
-        torch.testing.assert_close(got[fin], ref[fin], rtol=4 * torch.finfo(dtype).eps, atol=0)
-    e = _exp(x)
+        x = scale * A + w  # the two roundings of scale·A + w (fused or not) differ by ~eps·|x|
+        atol = 8 * torch.finfo(dtype).eps * float(x[torch.isfinite(x)].abs().max())
+        torch.testing.assert_close(got[fin], ref[fin], rtol=0, atol=atol)
+    A[3] = math.inf
+    with pytest.raises(ValueError, match="needs a finite"):  # an all-forbidden row: infeasible, not NaN
+        sinkhorn._RowLogSumExp(A)
+    x = -10.0 * A + w
+    e = sinkhorn._exp(x)
     normal = torch.exp(x) >= torch.finfo(dtype).tiny
     assert torch.equal(e[normal], torch.exp(x)[normal])
     assert (e[~normal] == 0).all() and (e[torch.isinf(x)] == 0).all()
