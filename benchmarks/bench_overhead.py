@@ -149,6 +149,8 @@ def main(argv=None):
             if g is not None:
                 g.remove()
         write(a, results, load_before, t0)  # after every batch size: a long run leaves its results early
+
+
 def write(a, results, load_before, t0):
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -166,8 +168,6 @@ def write(a, results, load_before, t0):
               for r in results]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(out.with_suffix(".md").read_text())
-
-
 
 
 if __name__ == "__main__":
