@@ -116,7 +116,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--batch", type=int, nargs="+", default=[128, 512])
-    p.add_argument("--rounds", type=int, nargs="+", default=[11, 5], help="interleaved rounds per batch size")
+    p.add_argument("--rounds", type=int, nargs="+", default=[21, 7], help="interleaved rounds per batch size")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")

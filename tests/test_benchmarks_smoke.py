@@ -40,8 +40,9 @@ def test_quick_modes_write_finite_tables(tmp_path):
     assert all(r["value_err"] < 0.1 for r in solved if r["method"] != "dual-step")
     assert all(r["ref_err"] < 1e-10 for r in solved)  # the float64 Newton reference converged
     assert all(_finite(r["iter_lib_ms"]) and _finite(r["bound_ms"]) for r in data["bandwidth"])
-    # the plain torch.logsumexp solver takes the same iterations to the same value as the library's
-    assert all(r["iterations_lib"] == r["iterations_plain"] and r["value_diff"] < 1e-4 for r in data["plain_vs_lib"])
+    # relax=1 takes the plain solver's iterations; all three reach the same value
+    assert all(r["iterations_relax1"] == r["iterations_plain"] for r in data["plain_vs_lib"])
+    assert all(r["value_diff_lib"] < 1e-4 and r["value_diff_relax1"] < 1e-4 for r in data["plain_vs_lib"])
     assert all(v is not None and _finite(v) for v in data["memory_mb"].values())
 
     out = tmp_path / "bench_overhead"

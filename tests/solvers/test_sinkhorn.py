@@ -51,6 +51,35 @@ def test_value_and_gradient_match_pot(masked, theta):
         assert (grad[~mask] == 0).all()
 
 
+def test_over_relaxation_gives_the_plain_answer_in_fewer_sweeps():
+    """Near-diagonal (adversarial-like) plans: plain Sinkhorn's error decays like 1/k there."""
+    from got_reg.solvers.sinkhorn import marginal_error, sinkhorn_log_torch
+
+    C = random_cost(32, seed=5, adversarial=True)
+    plain = sinkhorn_log_torch(C, 0.1, tol=1e-5, max_iter=100000, relax=1.0)
+    fast = sinkhorn_log_torch(C, 0.1, tol=1e-5, max_iter=100000, relax=1.8)
+    for res in (plain, fast):  # the stopping claim, checked on the returned plan itself
+        assert res.converged and marginal_error(res.plan) <= 1e-5 * (1 + 1e-6)
+        torch.testing.assert_close(res.plan.sum(0), torch.full((32,), 1 / 32, dtype=torch.float64))
+    assert abs(float(fast.value) - float(plain.value)) < 1e-5
+    assert float((fast.plan - plain.plan).abs().sum()) < 1e-4
+    assert fast.iterations * 3 < plain.iterations, (fast.iterations, plain.iterations)  # measured: 1607 vs 8568
+
+
+def test_over_relaxation_falls_back_to_plain_sinkhorn_when_the_error_stalls(monkeypatch):
+    from got_reg.solvers import sinkhorn
+
+    C = random_cost(24, seed=3)
+    plain = sinkhorn.sinkhorn_log_torch(C, 0.1, tol=1e-6, max_iter=200000, relax=1.0)
+    # No patience, relaxation from the first sweep: the first non-improving sweep ends the relaxation.
+    monkeypatch.setattr(sinkhorn, "_PATIENCE", 0)
+    monkeypatch.setattr(sinkhorn, "_RELAX_AFTER", 0)
+    res = sinkhorn.sinkhorn_log_torch(C, 0.1, tol=1e-6, max_iter=200000, relax=1.99)
+    assert res.converged and abs(float(res.value) - float(plain.value)) < 1e-6
+    with pytest.raises(ValueError, match=r"relax must be in \(0, 2\)"):
+        sinkhorn.sinkhorn_log_torch(C, 0.1, relax=2.0)
+
+
 @functools.lru_cache(maxsize=None)
 def adversarial_reference(masked):
     """A float64 solve of an adversarial-like (near-diagonal) problem. Sinkhorn's marginal error decays
