@@ -42,7 +42,7 @@ from got_reg import GOTConvergenceWarning  # noqa: E402
 from got_reg.functional import joint_cost, label_mask  # noqa: E402
 from got_reg.solvers.sinkhorn import _RowLogSumExp  # noqa: E402
 from got_reg.solvers import (  # noqa: E402
-    KantorovichPotential, entropic_ot, marginal_error, semidual_plan, semidual_value, solve_sinkhorn,
+    KantorovichPotential, entropic_ot, marginal_error, semidual_value_and_plan, solve_sinkhorn,
 )
 
 THETA = 0.1
@@ -86,7 +86,7 @@ def make_call(method, B, D, M, masked, device, tol, max_iter, near=True):
         def call():
             v, res = entropic_ot(cost(), THETA, mask, backend=backend, tol=tol, max_iter=max_iter, warn=False)
             v.backward()
-            info.update(value=float(v), plan=res.plan, iterations=res.iterations)
+            info.update(value=float(v.detach()), plan=res.plan, iterations=res.iterations)
     elif method in ("pot", "pot-eq"):
         import ot
 
@@ -103,10 +103,9 @@ def make_call(method, B, D, M, masked, device, tol, max_iter, near=True):
         def call():
             C = cost()
             pot.ascend(z.detach(), C.detach(), THETA, mask)
-            phi = pot(z, detach_params=True)
-            v = semidual_value(C, phi, THETA, mask)
+            v, plan = semidual_value_and_plan(C, pot(z, detach_params=True), THETA, mask)
             v.backward()
-            info.update(value=float(v), plan=semidual_plan(C.detach(), phi.detach(), THETA, mask), iterations=1)
+            info.update(value=float(v.detach()), plan=plan, iterations=1)
     else:
         raise ValueError(method)
 

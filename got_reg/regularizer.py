@@ -24,7 +24,7 @@ from .costs import FeatureCost, ProbCost, get_feature_cost, get_prob_cost
 from .distributed import any_rank, gather_with_grad, world_size
 from .functional import SOLVERS, joint_cost, label_mask
 from .hooks import FeatureCapture
-from .solvers import BACKENDS, KantorovichPotential, entropic_ot, semidual_plan, semidual_value
+from .solvers import BACKENDS, KantorovichPotential, entropic_ot, semidual_value_and_plan
 
 NAN_POLICIES = ("raise", "skip")
 
@@ -224,8 +224,7 @@ class GOTRegularizer(nn.Module):
         # The model gets the gradient of the value at the current φ; φ's own parameters are trained
         # only by ascend(), so they are detached here.
         phi = self.potential(z32, detach_params=True)
-        value = semidual_value(cost, phi, self.theta, mask)
-        return value, semidual_plan(cost.detach(), phi.detach(), self.theta, mask)
+        return semidual_value_and_plan(cost, phi, self.theta, mask)
 
     def extra_repr(self) -> str:
         return (

@@ -1,11 +1,23 @@
 """Feature costs d_x(z_i, z_adv_j) on flattened layer outputs."""
 from __future__ import annotations
 
-from typing import Dict, Type, Union
+from typing import Dict, NamedTuple, Optional, Type, Union
 
 import torch
 
 from .._checks import check_choice
+
+
+class Bilinear(NamedTuple):
+    """A pairwise cost of the form ``C[i, j] = row[i] + (left @ right.T)[i, j]`` (``row`` a scalar or (B,)).
+
+    Costs that have this form let :func:`got_reg.functional.joint_cost` build λ·d_x + d_y with one
+    matrix product (the factors side by side) instead of a B×B temporary per term.
+    """
+
+    row: Union[float, torch.Tensor]
+    left: torch.Tensor
+    right: torch.Tensor
 
 
 class FeatureCost:
@@ -15,6 +27,10 @@ class FeatureCost:
 
     def pairwise(self, z: torch.Tensor, z_adv: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def bilinear(self, z: torch.Tensor, z_adv: torch.Tensor) -> Optional[Bilinear]:
+        """The cost as a :class:`Bilinear` form before clamping, or None if it has none."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -36,11 +52,16 @@ class CosineCost(FeatureCost):
     def _unit(self, z: torch.Tensor) -> torch.Tensor:
         norm = z.norm(dim=1, keepdim=True)
         nonzero = norm > self.eps
-        return torch.where(nonzero, z / torch.where(nonzero, norm, torch.ones_like(norm)), torch.zeros_like(z))
+        # 1/|z| on nonzero rows and 0 on zero rows, in (B, 1) arithmetic: one (B, D) product forward.
+        inv = nonzero.to(z.dtype) / torch.where(nonzero, norm, torch.ones_like(norm))
+        return z * inv
 
     def pairwise(self, z: torch.Tensor, z_adv: torch.Tensor) -> torch.Tensor:
         # Rounding can put 1 − cos at −2e-16 for identical vectors; the cost is in [0, 2] by definition.
         return (1.0 - self._unit(z) @ self._unit(z_adv).T).clamp(0.0, 2.0)
+
+    def bilinear(self, z: torch.Tensor, z_adv: torch.Tensor) -> Bilinear:
+        return Bilinear(1.0, -self._unit(z), self._unit(z_adv))
 
 
 class _SafeSqrt(torch.autograd.Function):

@@ -1,11 +1,12 @@
 """Costs d_y(h(z_i), h(z_adv_j)) between predicted class distributions, taken from logits."""
 from __future__ import annotations
 
-from typing import Dict, Type, Union
+from typing import Dict, Optional, Type, Union
 
 import torch
 
 from .._checks import check_choice
+from .feature_costs import Bilinear
 
 
 class ProbCost:
@@ -15,6 +16,10 @@ class ProbCost:
 
     def pairwise(self, logits: torch.Tensor, logits_adv: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def bilinear(self, logits: torch.Tensor, logits_adv: torch.Tensor) -> Optional[Bilinear]:
+        """The cost as a :class:`~got_reg.costs.feature_costs.Bilinear` form before clamping, or None."""
+        return None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -30,12 +35,15 @@ class KLCost(ProbCost):
     name = "kl"
 
     def pairwise(self, logits: torch.Tensor, logits_adv: torch.Tensor) -> torch.Tensor:
+        b = self.bilinear(logits, logits_adv)
+        # Rounding can leave KL(p‖p) at -1e-7; the divergence is non-negative by definition.
+        return torch.addmm(b.row[:, None], b.left, b.right.T).clamp_min(0.0)
+
+    def bilinear(self, logits: torch.Tensor, logits_adv: torch.Tensor) -> Bilinear:
         log_p = torch.log_softmax(logits, dim=1)
         log_q = torch.log_softmax(logits_adv, dim=1)
         p = log_p.exp()
-        neg_entropy = (p * log_p).sum(1, keepdim=True)
-        # Rounding can leave KL(p‖p) at -1e-7; the divergence is non-negative by definition.
-        return (neg_entropy - p @ log_q.T).clamp_min(0.0)
+        return Bilinear((p * log_p).sum(1), -p, log_q)
 
 
 class _PairwiseL1(torch.autograd.Function):
