@@ -150,8 +150,9 @@ def sinkhorn_log_torch(
     "A note on overrelaxation in the Sinkhorn algorithm", 2022): locally convergent, and much faster
     where plain Sinkhorn crawls. That is the case of GOT without label matching: clean and adversarial
     features form class blocks coupled only through costs ≫ θ, and moving mass between blocks took
-    plain Sinkhorn 770-1240 sweeps on a trained MNIST network at B = 128-512, against 90-130 with
-    ω = 1.8 (benchmarks/README.md). The first 10 sweeps at θ are plain (easy problems, like
+    plain Sinkhorn a median of 712-737 sweeps on a trained MNIST network at B = 128-512 (2 of 5 batches
+    at B = 128 were still above tol after 1000), against 163-168 with ω = 1.8
+    (``benchmarks/bench_relaxation.py``). The first 10 sweeps at θ are plain (easy problems, like
     label-matched ones, end there), and if the error has not improved for 50 sweeps the solver falls
     back to plain Sinkhorn (globally convergent) for good; ``relax=1`` is plain Sinkhorn throughout.
 
