@@ -85,7 +85,8 @@ def _semidual_pass(
     mass at all, and so are terms whose plan entry would be subnormal.
     """
     B, Bp = cost.shape
-    P_t = cost.T.contiguous() if cost.dtype == phi.dtype else cost.T.to(phi.dtype).contiguous()
+    # Always a copy: the work below is in place, and cost.T may already be contiguous (cost a view).
+    P_t = cost.T.to(phi.dtype, memory_format=torch.contiguous_format, copy=True)
     if mask is not None:
         P_t.masked_fill_(~mask.T, math.inf)
     w = phi / theta

@@ -67,6 +67,17 @@ def test_semidual_value_and_gradients_match_the_formula(dtype, masked, block, mo
     torch.testing.assert_close(semidual_plan(C, phi, theta, mask), plan)
 
 
+def test_semidual_leaves_its_inputs_alone():
+    """The kernel works in place on a copy of Cᵀ, which must never be the caller's tensor (Cᵀ of a view is)."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.rand(6, 6, generator=g)
+    for C in (base, base.T):  # base.T.T is contiguous: a careless .contiguous() would alias it
+        before = C.clone()
+        mask = torch.eye(6, dtype=torch.bool) | (torch.rand(6, 6, generator=g) > 0.5)
+        semidual_value_and_plan(C, torch.randn(6, generator=g), 0.1, mask)
+        assert torch.equal(C, before)
+
+
 def test_semidual_refuses_a_column_with_no_allowed_pair():
     C = torch.rand(4, 4)
     mask = torch.eye(4, dtype=torch.bool)
