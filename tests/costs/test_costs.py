@@ -48,6 +48,25 @@ def test_joint_cost_matches_brute_force(fc, pc, lam):
     np.testing.assert_allclose(C.numpy(), ref, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("lam", [0.0, 0.7])
+def test_joint_cost_single_product_has_the_gradients_of_the_separate_terms(lam):
+    """cosine + KL go through one addmm of the side-by-side factors; gradients must equal those of
+    λ·cosine.pairwise + kl.pairwise computed separately."""
+    g = torch.Generator().manual_seed(5)
+    z, za = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(5, 5, generator=g, dtype=torch.float64)
+    lg, lga = 3 * torch.randn(6, 4, generator=g, dtype=torch.float64), 3 * torch.randn(5, 4, generator=g, dtype=torch.float64)
+    leaves = [t.requires_grad_(True) for t in (z, za, lg, lga)]
+    W = torch.rand(6, 5, generator=g, dtype=torch.float64)
+    fused = joint_cost(z, za, lg, lga, lam=lam)
+    separate = KLCost().pairwise(lg, lga) + lam * CosineCost().pairwise(z, za)
+    torch.testing.assert_close(fused, separate, rtol=1e-12, atol=1e-12)
+    grads = [torch.autograd.grad((W * c).sum(), leaves, allow_unused=True) for c in (fused, separate)]
+    for leaf, a, b in zip(leaves, *grads):
+        # At λ = 0 the fused cost does not touch the features (None); 0·cosine gives zeros.
+        a = torch.zeros_like(leaf) if a is None else a
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("cost", [CosineCost(), L2Cost()])
 def test_feature_cost_gradient_matches_brute_force_autograd(cost):
     g = torch.Generator().manual_seed(1)
