@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from .sinkhorn import _BLOCK_ELEMENTS, _floor
+from .sinkhorn import _block_rows, _floor
 
 
 def semidual_value(
@@ -99,7 +99,7 @@ def _semidual_pass(
         P_t = torch.exp(X - lse[:, None]).div_(Bp)
     else:
         lse = P_t.new_empty(Bp)
-        rows = min(Bp, max(1, _BLOCK_ELEMENTS // max(1, B)))
+        rows = _block_rows(Bp, B)
         # Zero every term below the floor (forbidden pairs included) and every one whose plan entry,
         # once divided by its column sum s·B' (s ≤ B), would be subnormal: subnormals in the plan make
         # the matrix products of the cost's backward 5-10x slower on x86.

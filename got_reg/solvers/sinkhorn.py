@@ -57,6 +57,11 @@ def _floor(x: torch.Tensor) -> Optional[float]:
     return _EXP_FLOOR.get(x.dtype) if x.device.type == "cpu" else None
 
 
+def _block_rows(n_rows: int, n_cols: int) -> int:
+    """Rows per CPU block of an (n_rows, n_cols) matrix: about _BLOCK_ELEMENTS entries, at least one row."""
+    return min(n_rows, max(1, _BLOCK_ELEMENTS // max(1, n_cols)))
+
+
 class _RowLogSumExp:
     """``out_i = log Σ_j exp(scale · A_ij + w_j)`` for a fixed matrix A (+∞ entries allowed, but every
     row needs a finite one) and finite w.
@@ -73,8 +78,7 @@ class _RowLogSumExp:
         self.A = A
         self.floor = _floor(A)
         if self.floor is not None:
-            rows = min(A.shape[0], max(1, _BLOCK_ELEMENTS // max(1, A.shape[1])))
-            self.buf = torch.empty(rows, A.shape[1], dtype=A.dtype, device=A.device)
+            self.buf = torch.empty(_block_rows(*A.shape), A.shape[1], dtype=A.dtype, device=A.device)
 
     def __call__(self, w: torch.Tensor, scale: float) -> torch.Tensor:
         if self.floor is None:

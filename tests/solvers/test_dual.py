@@ -10,7 +10,7 @@ from got_reg.functional import joint_cost, label_mask, ot_loss
 from got_reg.solvers import (
     KantorovichPotential, semidual_plan, semidual_value, semidual_value_and_plan, solve_sinkhorn,
 )
-from got_reg.solvers import dual as dual_module
+from got_reg.solvers import sinkhorn as sinkhorn_module
 
 
 def batch(B, D, seed):
@@ -41,7 +41,7 @@ def test_semidual_value_and_gradients_match_the_formula(dtype, masked, block, mo
     """The one-pass kernel (value, ∂/∂C = P, ∂/∂φ = 1/B − P·1) against autograd through the formula,
     on a rectangular cost with a large spread (floored exponents), in one block and in 7-element blocks."""
     if block is not None:
-        monkeypatch.setattr(dual_module, "_BLOCK_ELEMENTS", block)
+        monkeypatch.setattr(sinkhorn_module, "_BLOCK_ELEMENTS", block)  # the one block-size knob
     g = torch.Generator().manual_seed(3)
     B, Bp, theta = 12, 9, 0.05
     C = (40 * torch.rand(B, Bp, generator=g, dtype=torch.float64)).to(dtype)
