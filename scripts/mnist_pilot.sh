@@ -4,7 +4,7 @@
 # 1000 test points (PGD 10/40/100 of step 0.01, an eps sweep to 0.5) and AutoAttack standard on the first 100.
 # Two processes at a time, one thread each.  Output: runs/mnist_pilot/<name>/ and runs/mnist_pilot/summary.md
 #
-#     bash scripts/mnist_pilot.sh                 # about 95 min on 2 CPU cores
+#     bash scripts/mnist_pilot.sh                 # about 85 min on 2 CPU cores
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/mnist_pilot}
