@@ -124,6 +124,9 @@ def build_parser(description: str, loss: str) -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true",
                    help="continue from <out>/checkpoint.pt if it exists (else start from scratch)")
     g.add_argument("--overwrite", action="store_true", help="start afresh even if <out> holds a checkpoint")
+    g.add_argument("--init-weights", type=str, default=None,
+                   help="start from these model weights (an earlier run's model_final.pt or checkpoint.pt) with a "
+                        "fresh optimiser and schedule: fine-tuning, e.g. adding GOT to a trained model")
     g.add_argument("--device", type=str, default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     g.add_argument("--num-workers", type=int, default=0)
     g.add_argument("--threads", type=int, default=None,
@@ -417,6 +420,18 @@ def run_training(args: argparse.Namespace, train_step: TrainStep) -> Dict[str, A
         d.close()
 
 
+def load_model_weights(path: str, device: torch.device) -> Dict[str, torch.Tensor]:
+    """The model state dict in ``path``: a ``model_final.pt`` (a state dict) or a ``checkpoint.pt``."""
+    if not Path(path).is_file():
+        raise SystemExit(f"--init-weights: no file {path} (expected an earlier run's {FINAL_MODEL} or {CHECKPOINT})")
+    state = torch.load(path, map_location=device, weights_only=True)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise SystemExit(f"--init-weights: {path} holds no model state dict (expected {FINAL_MODEL} or {CHECKPOINT})")
+    return state
+
+
 def _run(args, train_step: TrainStep, d: Dist, device: torch.device) -> Dict[str, Any]:
     from tqdm.auto import tqdm
 
@@ -449,6 +464,8 @@ def _run(args, train_step: TrainStep, d: Dist, device: torch.device) -> Dict[str
     test_x, test_y = dataset_tensors(test_set)
 
     model = build_model(args.model, info.num_classes, info.in_channels, info.image_size).to(device)
+    if args.init_weights and not resuming:  # a resumed run's checkpoint already holds the fine-tuned weights
+        model.load_state_dict(load_model_weights(args.init_weights, device))
     raw_model = model
     if d.enabled:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

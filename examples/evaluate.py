@@ -17,7 +17,7 @@ Reports, on the run's test set (``model.eval()``, true labels):
   eps >= 0.5 -- where the all-grey image x = 0.5 lies in every ball -- no classifier can beat
   the majority-class rate, so anything well above it means the attack failed (masking).
 
-Writes ``eval.json``, ``eval.md`` and ``eps_sweep.png`` into the run directory.
+Writes ``eval.json``, ``eval.md`` and ``eps_sweep.png`` into the run directory (``eval-TAG.*`` with ``--tag``).
 
     python examples/evaluate.py runs/digits-trades-got_lm
     python examples/evaluate.py RUN --aa-n 1000 --eps-sweep 0 0.1 0.2 0.3 0.4 0.5
@@ -82,8 +82,11 @@ def load_run(run_dir: Path, device: torch.device, which: str = "final"):
     return model.to(device).eval(), cfg
 
 
-def load_test_set(cfg: Dict[str, Any], n: Optional[int] = None, data_dir: Optional[str] = None):
-    _, test_set, _ = load_datasets(cfg["dataset"], data_dir or cfg.get("data_dir"), None, cfg.get("test_subset"))
+def load_test_set(cfg: Dict[str, Any], n: Optional[int] = None, data_dir: Optional[str] = None,
+                  test_subset: Optional[int] = None):
+    """The first ``n`` points of the run's test set: its ``--test-subset`` unless ``test_subset`` (0: all) is given."""
+    subset = cfg.get("test_subset") if test_subset is None else (test_subset or None)
+    _, test_set, _ = load_datasets(cfg["dataset"], data_dir or cfg.get("data_dir"), None, subset)
     return dataset_tensors(test_set, n)
 
 
@@ -150,7 +153,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: floa
         (APGD-CE, +APGD-T, +FAB-T, +Square; APGD-CE's stage is APGD-CE alone), and Square run
         alone on all points -- the black-box vs white-box comparison at the cost of one extra attack;
       * ``"individual"``: additionally every attack alone (AutoAttack's individual mode; ~2x cost);
-      * ``"none"``.
+      * ``"none"``: the standard run and its stages only.
 
     pyautoattack reseeds the global torch RNG inside its attacks; ``fork_rng`` gives the caller
     its RNG state back afterwards.
@@ -169,9 +172,9 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: floa
         out["robust_acc"] = accuracy(model, x_adv, y, batch_size)
         out["clean_acc"] = accuracy(model, x, y, batch_size)
         out["time_s"] = round(time.time() - t0, 2)
+        out["stages"] = dict(log.stages)  # free: read from the standard run's own log
         if breakdown == "none":
             return out
-        out["stages"] = dict(log.stages)
         alone = ["square"] if breakdown == "stages" else list(AA_ATTACKS)
         out["alone"] = {}
         standard = aa.attacks_to_run
@@ -327,14 +330,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=str)
     p.add_argument("--weights", choices=["final", "checkpoint"], default="final")
     p.add_argument("--data-dir", type=str, default=None, help="override the run's --data-dir")
-    p.add_argument("--n", type=int, default=None, help="test points for clean/PGD/sweep (default: all)")
+    p.add_argument("--test-subset", type=int, default=None,
+                   help="test set to draw from: the first N test points, 0 for all (default: the run's --test-subset, "
+                        "which training may have limited for its per-epoch check)")
+    p.add_argument("--n", type=int, default=None, help="test points for clean/PGD/sweep (default: all of the test set)")
     p.add_argument("--epsilon", type=number, default=None, help="default: the run's training epsilon")
     p.add_argument("--step-size", type=number, default=None, help="PGD step (default: the run's step size)")
     p.add_argument("--pgd-steps", type=int, nargs="+", default=[20, 40])
     p.add_argument("--aa-n", type=int, default=500, help="AutoAttack test points (0: skip AutoAttack)")
     p.add_argument("--aa-breakdown", choices=["stages", "individual", "none"], default="stages",
                    help="stages: cumulative accuracy after each attack + Square alone; individual: every "
-                        "attack alone as well")
+                        "attack alone as well; none: the standard run only (its stages are still recorded)")
     p.add_argument("--aa-batch-size", type=int, default=500)
     p.add_argument("--eps-sweep", type=number, nargs="*", default=None, help="default: per dataset, up to 0.5")
     p.add_argument("--sweep-steps", type=int, default=20)
@@ -343,14 +349,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", type=str, default=None)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--tag", type=str, default=None,
+                   help="write eval-TAG.json / eval-TAG.md / eps_sweep-TAG.png, keeping earlier evaluations")
     return p
 
 
 def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
+    if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.tag):
+        raise ValueError(f"--tag must be letters, digits, '_', '.' or '-' (it names files); got {args.tag!r}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run_dir = Path(args.run_dir)
     model, cfg = load_run(run_dir, device, args.weights)
-    x, y = load_test_set(cfg, args.n, args.data_dir)
+    x, y = load_test_set(cfg, args.n, args.data_dir, args.test_subset)
     eps = cfg["epsilon"] if args.epsilon is None else args.epsilon
     step = cfg["step_size"] if args.step_size is None else args.step_size
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
@@ -378,10 +388,12 @@ def evaluate(args: argparse.Namespace) -> Dict[str, Any]:
     result["warnings"] = sanity_checks(result, majority, len(x))
     result["time_s"] = round(time.time() - t0, 2)
 
-    write_json(run_dir / "eval.json", result)
-    atomic_write_bytes(run_dir / "eval.md", markdown_report(result).encode())
-    plot_sweeps({result["method"]: result["eps_sweep"]}, run_dir / "eps_sweep.png",
-                title=f"{cfg['dataset']}: {result['method']}", chance=majority, train_eps=cfg["epsilon"])
+    suffix = f"-{args.tag}" if args.tag else ""
+    write_json(run_dir / f"eval{suffix}.json", result)
+    atomic_write_bytes(run_dir / f"eval{suffix}.md", markdown_report(result).encode())
+    if result["eps_sweep"]:
+        plot_sweeps({result["method"]: result["eps_sweep"]}, run_dir / f"eps_sweep{suffix}.png",
+                    title=f"{cfg['dataset']}: {result['method']}", chance=majority, train_eps=cfg["epsilon"])
     for w in result["warnings"]:
         say(f"WARNING: {w}")
     return result

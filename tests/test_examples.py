@@ -286,6 +286,26 @@ def test_torchrun_two_processes(tmp_path):
     assert len(rows) == 1 and _finite_numbers(rows[0]) and rows[0]["loss_got"] > 0
     assert (out / "model_final.pt").is_file()
 
+def test_init_weights_fine_tunes_from_an_earlier_run(tmp_path, trained_runs):
+    root, _ = trained_runs
+    start = torch.load(root / "none" / "model_final.pt", weights_only=True)
+    # Zero epochs of fine-tuning leave exactly the weights it started from (a fresh init would differ).
+    train_trades.main(["--out", str(tmp_path / "ft0"), "--epochs", "0", "--init-weights",
+                       str(root / "none" / "checkpoint.pt"), *TINY])
+    same = torch.load(tmp_path / "ft0" / "model_final.pt", weights_only=True)
+    assert all(torch.equal(start[k], same[k]) for k in start)
+    row = train_trades.main(["--out", str(tmp_path / "ft"), "--epochs", "1", "--got", "lm", "--got-beta", "1",
+                             "--init-weights", str(root / "none" / "model_final.pt"), *TINY])
+    assert _finite_numbers(row) and row["loss_got"] > 0
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["init_weights"].endswith("model_final.pt")
+    with pytest.raises(SystemExit, match="no file"):
+        train_trades.main(["--out", str(tmp_path / "bad"), "--epochs", "1", "--init-weights",
+                           str(tmp_path / "missing.pt"), *TINY])
+    torch.save({"step": 3}, tmp_path / "junk.pt")
+    with pytest.raises(SystemExit, match="no model state dict"):
+        train_trades.main(["--out", str(tmp_path / "bad2"), "--epochs", "1", "--init-weights",
+                           str(tmp_path / "junk.pt"), *TINY])
+
 
 # ----------------------------------------------------------------------------- evaluation
 def test_evaluate_writes_report(trained_runs):
@@ -305,6 +325,18 @@ def test_evaluate_writes_report(trained_runs):
     md = (run / "eval.md").read_text()
     assert "PGD-10" in md and "AutoAttack" in md and "square alone" in md
     assert (run / "eps_sweep.png").stat().st_size > 1000
+    # --tag writes beside the untagged files instead of over them; no sweep, no plot.
+    # --test-subset 0 lifts the run's training-time --test-subset (48 here) to the whole test set.
+    # --aa-breakdown none still records the standard run's stages (free), with no attack run alone.
+    tagged = evaluate.main([str(run), "--tag", "t1", "--aa-n", "8", "--aa-breakdown", "none", "--pgd-steps", "3",
+                            "--eps-sweep", "--test-subset", "0", "--n", "60", "--quiet"])
+    assert tagged["n"] == 60 and saved["n"] == 48
+    assert "apgd-ce" in tagged["autoattack"]["stages"] and "alone" not in tagged["autoattack"]
+    assert json.loads((run / "eval-t1.json").read_text())["pgd"] == tagged["pgd"]
+    assert json.loads((run / "eval.json").read_text())["clean_acc"] == res["clean_acc"]
+    assert (run / "eval-t1.md").is_file() and not (run / "eps_sweep-t1.png").exists()
+    with pytest.raises(ValueError, match="--tag"):
+        evaluate.main([str(run), "--tag", "../x", "--aa-n", "0", "--quiet"])
 
 
 def test_sanity_checks_flag_masking():
