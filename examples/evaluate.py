@@ -299,7 +299,8 @@ def plot_sweeps(sweeps: Dict[str, List[Dict[str, float]]], path: Path, title: st
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    outside = len(sweeps) > 4  # many lines: the legend goes right of the axes instead of over the curves
+    fig, ax = plt.subplots(figsize=(8 if outside else 5, 3.5))
     for label, sweep in sweeps.items():
         ax.plot([s["eps"] for s in sweep], [100 * s["acc"] for s in sweep], marker="o", label=label)
     if chance is not None:
@@ -311,7 +312,10 @@ def plot_sweeps(sweeps: Dict[str, List[Dict[str, float]]], path: Path, title: st
     ax.set_ylim(0, 100)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if outside:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
