@@ -66,7 +66,9 @@ def measure(model: torch.nn.Module, layer: str, batches, cfg: Dict, theta: float
             model.train()
             captured.clear()
             logits, logits_adv = model(x), model(x_adv)
-            z, z_adv = captured[0].flatten(1), captured[1].flatten(1)
+            # Gradients are taken at the layer's own outputs: the loss depends on them, not on a reshaped copy.
+            out, out_adv = captured[0], captured[1]
+            z, z_adv = out.flatten(1), out_adv.flatten(1)
             ce = F.cross_entropy(logits, y)
             kl = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits, 1), reduction="sum") / len(y)
             trades = ce + cfg.get("beta_trades", 1.0) * kl  # PGD-AT runs: the MNIST TRADES weight, 1
@@ -76,7 +78,7 @@ def measure(model: torch.nn.Module, layer: str, batches, cfg: Dict, theta: float
             # The library's fused cost (one addmm) must be the same matrix: the diagnostics measure what trains.
             torch.testing.assert_close(cost, joint_cost(z, z_adv, logits, logits_adv, lam=lam), atol=1e-5, rtol=1e-5)
             row: Dict[str, float] = {"ce": ce.item(), "kl": kl.item()}
-            g_trades = torch.autograd.grad(trades, params + [z, z_adv], retain_graph=True, allow_unused=True)
+            g_trades = torch.autograd.grad(trades, params + [out, out_adv], retain_graph=True, allow_unused=True)
             np_ = len(params)
             row["grad_trades_params"] = _flat_norm(g_trades[:np_])
             row["grad_trades_z"] = _flat_norm(g_trades[np_:])
@@ -92,7 +94,7 @@ def measure(model: torch.nn.Module, layer: str, batches, cfg: Dict, theta: float
                 row[f"pred_part_{tag}"] = float((plan * cy.detach()).sum())
                 row[f"entropic_part_{tag}"] = row[f"w_{tag}"] - row[f"feat_part_{tag}"] - row[f"pred_part_{tag}"]
                 row[f"iters_{tag}"] = float(res.iterations)
-                g_w = torch.autograd.grad(w, params + [z, z_adv], retain_graph=True, allow_unused=True)
+                g_w = torch.autograd.grad(w, params + [out, out_adv], retain_graph=True, allow_unused=True)
                 row[f"grad_w_{tag}_params"] = _flat_norm(g_w[:np_])
                 row[f"grad_w_{tag}_z"] = _flat_norm(g_w[np_:])
                 row[f"grad_w_{tag}_conv"] = _flat_norm(torch.autograd.grad(w, conv, retain_graph=True))

@@ -202,6 +202,11 @@ def tables(rows: Dict[str, Dict[str, Any]]) -> str:
             L.append(f"\nGOT − TRADES, paired by seed: PGD-40 {ms([b['pgd40_1k'] - a['pgd40_1k'] for a, b in ft])}, "
                      f"PGD-100 {ms([b['pgd100'] - a['pgd100'] for a, b in ft])}, AA (n = 100) "
                      f"{ms([b['aa100'] - a['aa100'] for a, b in ft])} points.")
+        full = [(a, b) for a, b in ft if "pgd40" in a and "pgd40" in b]
+        if full:
+            L.append("\nOn the full test set (n = 10 000), clean / PGD-40: " + "; ".join(
+                f"seed {a['seed']}: + TRADES {f1(a['clean'])} / {f1(a['pgd40'])}, + GOT-TRADES-LM "
+                f"{f1(b['clean'])} / {f1(b['pgd40'])}" for a, b in full) + ".")
     # 5. Ablations.
     ab = [rows[n] for n in ABLATIONS if n in rows]
     if ab:

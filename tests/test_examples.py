@@ -286,6 +286,7 @@ def test_torchrun_two_processes(tmp_path):
     assert len(rows) == 1 and _finite_numbers(rows[0]) and rows[0]["loss_got"] > 0
     assert (out / "model_final.pt").is_file()
 
+
 def test_init_weights_fine_tunes_from_an_earlier_run(tmp_path, trained_runs):
     root, _ = trained_runs
     start = torch.load(root / "none" / "model_final.pt", weights_only=True)
