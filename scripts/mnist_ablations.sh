@@ -12,28 +12,8 @@
 #     bash scripts/mnist_ablations.sh              # about 85 min on 2 CPU cores (about 13 min per pair)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-runs/mnist_pilot}
-PY=.venv/bin/python
-COMMON=(--dataset mnist --epochs 1 --num-steps 10 --step-size 0.04 --test-subset 1000 --threads 1 --quiet)
-
-train() {  # name script flags...
-    local name=$1 script=$2; shift 2
-    [ -f "$OUT/$name/model_final.pt" ] || $PY examples/$script "${COMMON[@]}" --out "$OUT/$name" --overwrite "$@" \
-        > "$OUT/$name.train.log" 2>&1
-}
-evaluate() {  # name
-    [ -f "$OUT/$1/eval.json" ] || $PY examples/evaluate.py "$OUT/$1" --n 1000 --step-size 0.01 --pgd-steps 10 40 100 --aa-n 100 \
-        --aa-breakdown none --threads 1 --quiet > "$OUT/$1.eval.log" 2>&1
-}
-pair() {  # two "name script flags" jobs (as strings) in parallel, then both evaluations in parallel
-    local a=($1) b=($2)
-    train "${a[@]}" &
-    [ ${#b[@]} -eq 0 ] || train "${b[@]}" &
-    wait
-    evaluate "${a[0]}" &
-    [ ${#b[@]} -eq 0 ] || evaluate "${b[0]}" &
-    wait
-}
+AA_BREAKDOWN=none  # AutoAttack's stages only: no extra run of Square alone
+source scripts/mnist_runs.sh
 
 G="--got lm --got-beta 1"
 # In priority order (the paper's ablation axes first), so that an interrupted run still has them.

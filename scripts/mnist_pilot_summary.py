@@ -11,14 +11,16 @@ import statistics
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from evaluate import method_name  # noqa: E402
+
 PAPER = {"TRADES": (96.55, 89.4), "GOT-TRADES-LM": (97.79, 94.15), "PGD-AT": (95.63, 91.07), "GOT-PGD-LM": (97.2, 93.91)}
 
 
 def label(cfg):
-    base = "TRADES" if cfg["loss"] == "trades" else "PGD-AT"
+    name = method_name(cfg)
     if cfg["got"] == "none":
-        return base
-    name = f"GOT-{'PGD' if base == 'PGD-AT' else 'TRADES'}-{cfg['got'].upper()}"
+        return name
     extras = [f"β = {cfg['got_beta']:g}"] + (["dual"] if cfg["got_solver"] == "dual" else [])
     return f"{name} ({', '.join(extras)})"
 

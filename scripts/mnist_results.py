@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "examples"))
-from evaluate import plot_sweeps  # noqa: E402
+from evaluate import method_name, plot_sweeps  # noqa: E402
 
 PAPER = {"TRADES": (96.55, 89.4), "GOT-TRADES-LM": (97.79, 94.15), "PGD-AT": (95.63, 91.07),
          "GOT-PGD-LM": (97.2, 93.91)}
@@ -34,13 +34,6 @@ ABLATIONS = ["ft-got-trades-lm-b10-s0", "got-trades-lm-b0.1-s0", "got-trades-lm-
              "got-trades-lm-theta1-s0", "got-trades-lm-lam10-s0", "got-trades-lm-conv-s0", "got-trades-lm-dual-s0",
              "got-trades-s-s0", "trades-s0"]
 TOL = 1.5  # points: one example of noise on the 100-point AutoAttack subset, as evaluate.py's checks
-
-
-def method(cfg: Dict[str, Any]) -> str:
-    base = "TRADES" if cfg["loss"] == "trades" else "PGD-AT"
-    if cfg["got"] == "none":
-        return base
-    return f"GOT-{'PGD' if base == 'PGD-AT' else 'TRADES'}-{cfg['got'].upper()}"
 
 
 def variant(cfg: Dict[str, Any]) -> str:
@@ -73,7 +66,7 @@ def load(run: Path) -> Optional[Dict[str, Any]]:
     aa = ev.get("autoattack") or {}
     sweep = {round(r["eps"], 3): 100 * r["acc"] for r in ev["eps_sweep"]}
     r: Dict[str, Any] = dict(
-        run=run.name, method=method(cfg), variant=variant(cfg), seed=cfg["seed"], majority=100 * ev["majority_rate"],
+        run=run.name, method=method_name(cfg), variant=variant(cfg), seed=cfg["seed"], majority=100 * ev["majority_rate"],
         clean1k=100 * ev["clean_acc"], pgd10=100 * ev["pgd"]["10"], pgd40_1k=100 * ev["pgd"]["40"],
         pgd100=100 * ev["pgd"]["100"], aa100=100 * aa["robust_acc"],
         square100=100 * aa["alone"]["square"] if "square" in aa.get("alone", {}) else None,
