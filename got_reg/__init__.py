@@ -2,14 +2,23 @@
 
 Bui et al., "Improving robustness with optimal transport based adversarial generalization".
 """
+
 from . import costs, functional, solvers
 from ._checks import GOTConvergenceWarning
-from .hooks import FeatureCapture, resolve_layer, unwrap_model
-from .regularizer import GOTRegularizer
+from .diagnostics import GOTDiagnostics
+from .hooks import FeatureCapture
+from .regularizer import GOTCollapseWarning, GOTRegularizer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
-    "GOTRegularizer", "GOTConvergenceWarning", "FeatureCapture", "resolve_layer", "unwrap_model",
-    "functional", "costs", "solvers", "__version__",
+    "GOTRegularizer",
+    "GOTDiagnostics",
+    "FeatureCapture",
+    "GOTConvergenceWarning",
+    "GOTCollapseWarning",
+    "functional",
+    "costs",
+    "solvers",
+    "__version__",
 ]

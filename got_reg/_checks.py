@@ -3,10 +3,11 @@
 Every message names what was expected and what came, so that a wrong call is fixed from the message
 alone.
 """
+
 from __future__ import annotations
 
 import difflib
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 
@@ -46,7 +47,7 @@ def check_int(name: str, value: object, *, minimum: int = 1) -> int:
     return value
 
 
-def check_tensor(name: str, value: object, *, ndim: Optional[int] = None) -> torch.Tensor:
+def check_tensor(name: str, value: object, *, ndim: int | None = None) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if ndim is not None and value.ndim != ndim:
@@ -68,15 +69,13 @@ def check_finite(name: str, value: torch.Tensor) -> None:
 def check_square_cost(cost: object) -> torch.Tensor:
     cost = check_tensor("cost", cost, ndim=2)
     if cost.shape[0] != cost.shape[1]:
-        raise ValueError(
-            f"cost must be square (B, B) for two batches of the same size, got shape {tuple(cost.shape)}"
-        )
+        raise ValueError(f"cost must be square (B, B) for two batches of the same size, got shape {tuple(cost.shape)}")
     if not cost.is_floating_point():
         raise TypeError(f"cost must be a floating-point tensor, got {cost.dtype}")
     return cost
 
 
-def check_mask(mask: Optional[torch.Tensor], cost: torch.Tensor) -> Optional[torch.Tensor]:
+def check_mask(mask: torch.Tensor | None, cost: torch.Tensor) -> torch.Tensor | None:
     if mask is None:
         return None
     mask = check_tensor("mask", mask)
@@ -91,7 +90,27 @@ def check_mask(mask: Optional[torch.Tensor], cost: torch.Tensor) -> Optional[tor
             "mask leaves no allowed entry in rows "
             f"{empty_rows.tolist()[:10]} / columns {empty_cols.tolist()[:10]}: uniform marginals are infeasible"
         )
+    _check_blocks_feasible(mask)
     return mask
+
+
+def _check_blocks_feasible(mask: torch.Tensor) -> None:
+    """For a block mask (a label mask: rows sharing one pattern, patterns on disjoint columns), a plan with
+    uniform marginals exists iff each block holds the same share of rows (of B) as of columns (of B')."""
+    B, Bp = mask.shape
+    patterns, counts = torch.unique(mask, dim=0, return_counts=True)
+    if bool((patterns.sum(0) > 1).any()):
+        return  # not a block mask: feasibility is a flow problem, left to the solver's convergence test
+    cols = patterns.sum(1)
+    bad = (counts * Bp != cols * B).nonzero().flatten()
+    if bad.numel():
+        k = int(bad[0])
+        raise ValueError(
+            f"mask admits no plan with uniform marginals: a block of {int(counts[k])} of the {B} rows may only "
+            f"send mass to {int(cols[k])} of the {Bp} columns, so its rows carry {int(counts[k])}/{B} of the mass "
+            f"and its columns {int(cols[k])}/{Bp}. With label_mask(y, y_adv) the two batches must hold the same "
+            "number of examples of every class (the adversarial batch normally has the clean batch's labels)"
+        )
 
 
 def ot_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -7,9 +7,8 @@ global W, but its backward reaches only its local part; DDP then *averages* grad
 Scaling the loss by R (done by :class:`got_reg.GOTRegularizer` when gathering) makes the averaged
 gradient equal to that of the single-process global batch.
 """
-from __future__ import annotations
 
-from typing import List
+from __future__ import annotations
 
 import torch
 import torch.distributed as dist
@@ -35,7 +34,7 @@ def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         padded = t.new_zeros((longest,) + tuple(t.shape[1:]))
         padded[: t.shape[0]] = t
-        parts: List[torch.Tensor] = [torch.empty_like(padded) for _ in range(R)]
+        parts: list[torch.Tensor] = [torch.empty_like(padded) for _ in range(R)]
         dist.all_gather(parts, padded.contiguous())
     parts = [p[:c] for p, c in zip(parts, counts)]
     parts[rank] = t

@@ -8,25 +8,42 @@ On a chosen layer with output z = g(x) and prediction h(z) = softmax(logits), th
 
 with W_θ the entropic OT value min_P <P, C> + θ KL(P ‖ 1/B²) (eq. 5), solved by Sinkhorn or through
 the learned semi-dual (eq. 5/6, :mod:`got_reg.solvers.dual`), and label matching (LM) restricting
-transport to same-label pairs. Variants: GOT-PGD-S/LM and GOT-TRADES-S/LM.
+transport to same-label pairs. Variants: GOT-PGD-S/LM and GOT-TRADES-S/LM. The module is the hooks and
+the state (the dual's potential φ, the collapse monitor) around one call of the functional loss,
+:func:`got_reg.functional.got_loss`.
 """
+
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Dict, Optional, Union
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_choice, check_finite, check_int, check_positive, check_tensor
-from .costs import FeatureCost, ProbCost, get_feature_cost, get_prob_cost
+from ._checks import check_choice, check_int, check_positive
+from .costs import PairwiseCost
+from .diagnostics import GOTDiagnostics
 from .distributed import any_rank, gather_with_grad, world_size
-from .functional import SOLVERS, joint_cost, label_mask
+from .functional import GOTConfig, got_forward, raise_non_finite
 from .hooks import FeatureCapture
-from .solvers import BACKENDS, KantorovichPotential, entropic_ot, semidual_value_and_plan
+from .solvers import KantorovichPotential, SinkhornBackend
+from .solvers.sinkhorn import warn_unconverged
 
 NAN_POLICIES = ("raise", "skip")
+
+__all__ = ["GOTRegularizer", "GOTCollapseWarning"]
+
+
+class GOTCollapseWarning(UserWarning):
+    """Warned when training looks collapsed: clean cross-entropy stuck near ln(#classes) with GOT on."""
+
+
+# The collapse monitor: after _WARMUP training calls, the mean clean cross-entropy of each window of
+# _WINDOW calls is read (one host read per window); at or above _CHANCE · ln(K) it warns.
+_WARMUP, _WINDOW, _CHANCE = 200, 50, 0.9
 
 
 class GOTRegularizer(nn.Module):
@@ -34,7 +51,7 @@ class GOTRegularizer(nn.Module):
 
     Usage::
 
-        got = GOTRegularizer(model, layer="classifier.4", beta=10.0, label_matching=True)
+        got = GOTRegularizer(model, layer="classifier.4", label_matching=True)
         logits_clean, logits_adv = model(x), model(x_adv)     # the loop's own forwards
         loss = trades_loss + got(logits_clean, logits_adv, y)  # the added line
 
@@ -52,78 +69,98 @@ class GOTRegularizer(nn.Module):
         beta: weight β of W in the loss (paper: 10).
         lam: weight λ of the feature cost.
         theta: entropic temperature θ (paper: 0.1).
-        feature_cost: d_x, ``"cosine"`` or ``"l2"`` (or a :class:`~got_reg.costs.FeatureCost`).
-        prob_cost: d_y, ``"kl"`` or ``"l1"`` (or a :class:`~got_reg.costs.ProbCost`).
+        feature_cost: d_x, ``"cosine"`` or ``"l2"`` (or a :class:`~got_reg.costs.PairwiseCost`).
+        prob_cost: d_y, ``"kl"`` or ``"l1"`` (or a :class:`~got_reg.costs.PairwiseCost` on logits).
         label_matching: transport only between pairs with the same label (LM).
         solver: ``"sinkhorn"`` (solved to ``tol``) or ``"dual"`` (learned linear potential φ; a lower
             bound of the Sinkhorn value unless the feature dim is ≥ the batch size).
         backend: Sinkhorn backend, ``"torch"`` (default: own log-domain solver, fastest in
-            ``benchmarks/``), ``"pot"`` or ``"geomloss"``.
+            ``benchmarks/``), ``"pot"`` or ``"geomloss"``; all meet ``tol``.
+        anchor: ``"clean"`` (default) makes the clean side of the cost a fixed target, so W moves the
+            adversarial examples toward the clean ones; ``"features"`` anchors z only; ``"none"`` is the
+            paper's form (W's gradient reaches both sides). See :mod:`got_reg.functional`.
+        debias: use the Sinkhorn divergence W(μ,ν) − ½W(μ,μ) − ½W(ν,ν) (default) instead of W, which
+            removes the entropic bias that rewards collapsing representations.
+        dual_input: ``"embedded"`` (default): φ acts on the representation the feature cost sees (unit
+            vectors for cosine), which keeps the min-max bounded; ``"raw"``: on z itself (the paper).
         max_iter, tol: Sinkhorn stopping rule (L1 marginal error); missing it warns.
-        dual_lr, dual_steps: φ's Adam learning rate and ascent steps per training-mode call.
+        dual_lr, dual_steps: φ's Adam learning rate and ascent steps per training call.
         distributed_gather: under ``torch.distributed``, run the OT over the global batch (features,
             logits and labels gathered from every rank, local gradients kept). The returned loss is
             then R · β · W so that DDP's gradient averaging gives the global-batch gradient of β · W;
-            ``diagnostics["value"]`` stays W. Without a process group this is a no-op.
+            ``diagnostics.value`` stays W. Without a process group this is a no-op.
         nan_policy: ``"raise"`` (default) on NaN/inf features or logits, or ``"skip"``: warn and
             return a zero loss for that step.
+        select: which tensor of a tuple/list/dict/dataclass layer output is z (an index, key or a
+            callable ``output -> tensor``); see :class:`~got_reg.FeatureCapture`.
 
-    After each call, :attr:`diagnostics` holds the value W, the loss, the iterations, the marginal
-    error, whether the solve converged, and (with labels) the fraction of mass moved between
-    same-label pairs.
+    φ is trained (one Adam step per call, from the same pass that gives the loss) only in training
+    mode: when both the regulariser and the model (as seen on the hooked layer) are in training mode
+    and grad is enabled. Each call reads the device once (NaN check and convergence); after each call
+    :attr:`diagnostics` holds a :class:`~got_reg.GOTDiagnostics` of device tensors.
     """
 
     def __init__(
         self,
         model: nn.Module,
-        layer: Union[str, nn.Module],
+        layer: str | nn.Module,
         *,
-        beta: float = 10.0,
+        beta: float = 3.0,
         lam: float = 1.0,
         theta: float = 0.1,
-        feature_cost: Union[str, FeatureCost] = "cosine",
-        prob_cost: Union[str, ProbCost] = "kl",
+        feature_cost: str | PairwiseCost = "cosine",
+        prob_cost: str | PairwiseCost = "kl",
         label_matching: bool = False,
         solver: str = "sinkhorn",
-        backend: str = "torch",
+        backend: str | SinkhornBackend = "torch",
+        anchor: str = "clean",
+        debias: bool = True,
+        dual_input: str = "embedded",
         max_iter: int = 1000,
         tol: float = 1e-3,
         dual_lr: float = 1e-2,
         dual_steps: int = 1,
         distributed_gather: bool = False,
         nan_policy: str = "raise",
+        select: Any = None,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        self.beta = check_positive("beta", beta, allow_zero=True)
-        self.lam = check_positive("lam", lam, allow_zero=True)
-        self.theta = check_positive("theta", theta)
-        self.feature_cost = get_feature_cost(feature_cost)
-        self.prob_cost = get_prob_cost(prob_cost)
-        if not isinstance(label_matching, bool):
-            raise TypeError(f"label_matching must be a bool, got {type(label_matching).__name__}")
-        self.label_matching = label_matching
-        self.solver = check_choice("solver", solver, SOLVERS)
-        self.backend = check_choice("backend", backend, BACKENDS)
-        self.max_iter = check_int("max_iter", max_iter)
-        self.tol = check_positive("tol", tol)
+        self.config = GOTConfig(
+            beta=beta,
+            lam=lam,
+            theta=theta,
+            feature_cost=feature_cost,
+            prob_cost=prob_cost,
+            label_matching=label_matching,
+            solver=solver,
+            backend=backend,
+            anchor=anchor,
+            debias=debias,
+            dual_input=dual_input,
+            max_iter=max_iter,
+            tol=tol,
+        )
         self.distributed_gather = bool(distributed_gather)
         self.nan_policy = check_choice("nan_policy", nan_policy, NAN_POLICIES)
-        self.potential = KantorovichPotential(
-            lr=check_positive("dual_lr", dual_lr), steps=check_int("dual_steps", dual_steps)
-        )
+        lr, steps = check_positive("dual_lr", dual_lr), check_int("dual_steps", dual_steps)
+        # Only the dual has state: a Sinkhorn regulariser's state_dict stays empty.
+        self.potential = KantorovichPotential(lr=lr, steps=steps) if solver == "dual" else None
         # A plain attribute, not a submodule: the model's parameters must not enter got.state_dict().
-        self._capture = FeatureCapture(model, layer)
+        self._capture = FeatureCapture(model, layer, select=select)
         self.layer_name = self._capture.layer_name
-        self.diagnostics: Dict[str, Any] = {}
+        self.diagnostics: GOTDiagnostics | None = None
+        self._monitor: torch.Tensor | None = None
+        self._calls = 0
+        self._collapse_warned = False
 
     # -- hooks ---------------------------------------------------------------------------------
     def remove(self) -> None:
         """Take the hooks off the model (idempotent); afterwards calls raise."""
         self._capture.remove()
 
-    def __enter__(self) -> "GOTRegularizer":
+    def __enter__(self) -> GOTRegularizer:
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -134,101 +171,118 @@ class GOTRegularizer(nn.Module):
         """How many model outputs currently have features filed (those the caller still holds)."""
         return len(self._capture)
 
+    @property
+    def beta(self) -> float:
+        return self.config.beta
+
     # -- the loss ------------------------------------------------------------------------------
     def forward(
-        self, logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: Optional[torch.Tensor] = None
+        self, logits_clean: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor | None = None
     ) -> torch.Tensor:
         """β · W for the two batches; ``y`` (B,) are the clean batch's labels, needed for label matching."""
         if not self._capture.active:
             raise RuntimeError("this GOTRegularizer was removed from its model; build a new one")
-        logits_clean = check_tensor("logits_clean", logits_clean, ndim=2)
-        logits_adv = check_tensor("logits_adv", logits_adv, ndim=2)
-        if logits_adv.shape != logits_clean.shape:
-            raise ValueError(
-                f"logits_adv must have the shape of logits_clean {tuple(logits_clean.shape)} (one adversarial "
-                f"example per clean one), got {tuple(logits_adv.shape)}"
-            )
-        B = logits_clean.shape[0]
-        if y is not None:
-            y = check_tensor("y", y)
-            if y.shape != (B,):
-                raise ValueError(f"y must hold one label per example, shape ({B},), got {tuple(y.shape)}")
-            if y.is_floating_point() or y.dtype == torch.bool:
-                raise TypeError(f"y must hold integer class indices, got {y.dtype}")
-        elif self.label_matching:
-            raise ValueError("label_matching=True needs the labels: call got(logits_clean, logits_adv, y)")
         z = self._capture.lookup(logits_clean, "logits_clean")
         z_adv = self._capture.lookup(logits_adv, "logits_adv")
-        if z.shape != z_adv.shape or z.shape[0] != B:
-            raise ValueError(
-                f"features of layer {self.layer_name!r} do not match the logits: clean {tuple(z.shape)}, "
-                f"adversarial {tuple(z_adv.shape)}, logits batch {B}"
-            )
-
+        gather = self.distributed_gather and world_size() > 1
         named = {
             f"features of logits_clean (layer {self.layer_name!r})": z,
             f"features of logits_adv (layer {self.layer_name!r})": z_adv,
             "logits_clean": logits_clean,
             "logits_adv": logits_adv,
         }
-        bad = [name for name, t in named.items() if not bool(torch.isfinite(t).all())]
-        gather = self.distributed_gather and world_size() > 1
-        # Under gather the decision (skip or raise) must be collective: a rank that left alone would
-        # leave the others waiting in all_gather until the process-group timeout.
-        if any_rank(bool(bad), z.device) if gather else bad:
-            if self.nan_policy == "skip":
-                warnings.warn(f"GOT term skipped for this step: non-finite values in {bad or 'another rank'}",
-                              RuntimeWarning, stacklevel=2)
-                self.diagnostics = {"value": math.nan, "loss": 0.0, "skipped": True}
-                return logits_clean.new_zeros((), dtype=torch.float32)
-            if bad:
-                check_finite(bad[0], named[bad[0]])
-            raise FloatingPointError(
-                "another rank's features or logits hold NaN/inf (distributed_gather=True): every rank raises "
-                "so that none waits in all_gather; nan_policy='skip' skips the GOT term on all ranks instead"
-            )
-
         if gather:
+            # The decision to skip or raise must be collective, or a rank that left alone would leave
+            # the others waiting in all_gather until the process-group timeout.
+            bad = [n for n, t in named.items() if isinstance(t, torch.Tensor) and not bool(torch.isfinite(t).all())]
+            if any_rank(bool(bad), logits_clean.device):
+                if self.nan_policy == "skip":
+                    return self._skip(logits_clean, bad or ["another rank"])
+                if bad:
+                    raise_non_finite({bad[0]: named[bad[0]]})
+                raise FloatingPointError(
+                    "another rank's features or logits hold NaN/inf (distributed_gather=True): every rank raises "
+                    "so that none waits in all_gather; nan_policy='skip' skips the GOT term on all ranks instead"
+                )
             z, z_adv = gather_with_grad(z), gather_with_grad(z_adv)
             logits_clean, logits_adv = gather_with_grad(logits_clean), gather_with_grad(logits_adv)
             if y is not None:
                 y = gather_with_grad(y)
-        cost = joint_cost(z, z_adv, logits_clean, logits_adv, lam=self.lam,
-                          feature_cost=self.feature_cost, prob_cost=self.prob_cost)
-        mask = label_mask(y) if self.label_matching else None
-        diag: Dict[str, Any] = {"solver": self.solver, "batch": cost.shape[0]}
-        if self.solver == "sinkhorn":
-            value, res = entropic_ot(cost, self.theta, mask, backend=self.backend, max_iter=self.max_iter, tol=self.tol)
-            plan = res.plan
-            diag.update(iterations=res.iterations, marginal_error=res.marginal_error, converged=res.converged)
-        else:
-            value, plan = self._dual_value(z, cost, mask)
-            rows = plan.sum(1)
-            diag.update(iterations=self.potential.num_updates,
-                        marginal_error=float((rows - 1.0 / cost.shape[0]).abs().sum()), converged=None)
-        scale = self.beta * (world_size() if gather else 1)
-        loss = scale * value
-        diag.update(value=float(value.detach()), loss=float(loss.detach()), skipped=False)
-        if y is not None:
-            # 1 − cross-label mass: exactly 1 under label matching, where the cross entries are exact zeros.
-            diag["same_label_mass"] = float(1.0 - plan[~label_mask(y)].sum() / plan.sum())
+        train_phi = (
+            self.potential is not None
+            and self.training
+            and self._capture.layer.training
+            and torch.is_grad_enabled()
+            and not logits_clean.is_inference()
+        )
+        loss, diag = got_forward(
+            self.config,
+            z,
+            z_adv,
+            logits_clean,
+            logits_adv,
+            y,
+            potential=self.potential,
+            update_potential=train_phi,
+            loss_scale=float(world_size() if gather else 1),
+        )
+        finite, converged = diag.read_flags()  # the call's one host read
+        if not finite:
+            if self.nan_policy == "skip":
+                if self.potential is not None:
+                    self.potential.reset_if_diverged()
+                return self._skip(logits_clean, [n for n, t in named.items() if not bool(torch.isfinite(t).all())])
+            raise_non_finite(named, self.potential)
+        if converged is False:
+            c, missed = self.config, diag.unconverged_result()
+            if missed is not None:
+                warn_unconverged(missed, c.sinkhorn, c.theta, c.tol, c.max_iter)
         self.diagnostics = diag
+        if y is not None and self.training and torch.is_grad_enabled():
+            self._watch_collapse(logits_clean, y, diag)
         return loss
 
-    def _dual_value(self, z: torch.Tensor, cost: torch.Tensor, mask: Optional[torch.Tensor]):
-        z32 = z.to(cost.dtype)
-        if not self.potential.built:
-            self.potential.build(z32.shape[1], z32.device, cost.dtype)
-        if self.training and torch.is_grad_enabled():
-            self.potential.ascend(z32, cost, self.theta, mask)
-        # The model gets the gradient of the value at the current φ; φ's own parameters are trained
-        # only by ascend(), so they are detached here.
-        phi = self.potential(z32, detach_params=True)
-        return semidual_value_and_plan(cost, phi, self.theta, mask)
+    def _skip(self, logits_clean: torch.Tensor, bad: list) -> torch.Tensor:
+        warnings.warn(
+            f"GOT term skipped for this step: non-finite values in {bad or 'the OT value'}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        self.diagnostics = None
+        return logits_clean.new_zeros((), dtype=torch.float32)
+
+    def _watch_collapse(self, logits_clean: torch.Tensor, y: torch.Tensor, diag: GOTDiagnostics) -> None:
+        """Warn once if the clean cross-entropy sits near ln(K) (chance) for a window after warm-up."""
+        if self._collapse_warned:
+            return
+        self._calls += 1
+        if self._calls <= _WARMUP - _WINDOW:
+            return
+        ce = F.cross_entropy(logits_clean.detach().float(), y)
+        term = torch.stack([ce, diag.value.float()])
+        self._monitor = term if self._monitor is None else self._monitor + term
+        if self._calls % _WINDOW:
+            return
+        ce_mean, w_mean = (self._monitor / _WINDOW).tolist()
+        self._monitor = None
+        k = logits_clean.shape[1]
+        if ce_mean >= _CHANCE * math.log(k):
+            self._collapse_warned = True
+            warnings.warn(
+                f"GOT training looks collapsed: the clean cross-entropy averaged {ce_mean:.3f} over the last "
+                f"{_WINDOW} training calls, near chance ln({k}) = {math.log(k):.3f}, with the OT term at "
+                f"{w_mean:.4g} (beta={self.config.beta:g}, anchor={self.config.anchor!r}, "
+                f"debias={self.config.debias}). "
+                "Lower beta, or use anchor='clean' and debias=True (the defaults).",
+                GOTCollapseWarning,
+                stacklevel=3,
+            )
 
     def extra_repr(self) -> str:
+        c = self.config
         return (
-            f"layer={self.layer_name!r}, beta={self.beta:g}, lam={self.lam:g}, theta={self.theta:g}, "
-            f"feature_cost={self.feature_cost.name!r}, prob_cost={self.prob_cost.name!r}, "
-            f"label_matching={self.label_matching}, solver={self.solver!r}, backend={self.backend!r}"
+            f"layer={self.layer_name!r}, beta={c.beta:g}, lam={c.lam:g}, theta={c.theta:g}, "
+            f"feature_cost={c.cost.feature_cost.name!r}, prob_cost={c.cost.prob_cost.name!r}, "
+            f"label_matching={c.label_matching}, solver={c.solver!r}, backend={c.sinkhorn.name!r}, "
+            f"anchor={c.anchor!r}, debias={c.debias}"
         )

@@ -1,15 +1,24 @@
 """Ground costs between clean and adversarial samples.
 
-Feature costs d_x act on the hooked layer's flattened output z; probability costs d_y act on the
-model's logits (turned into h(z) = softmax(logits) inside). Each is a small object with a
-``pairwise(a, b) -> (B, B)`` method built from matrix products, and a factory takes their names. Costs
-of the form row term + matrix product (cosine, KL) also give that form (``bilinear``), so that the
-joint cost is one matrix product.
+One base class, :class:`PairwiseCost` (``pairwise(a, b) -> (B, B')``, optionally ``factorized``);
+feature costs d_x (:class:`CosineCost`, :class:`L2Cost`) act on the hooked layer's output, probability
+costs d_y (:class:`KLCost`, :class:`L1Cost`) on logits. :class:`JointCost` combines them into GOT's
+λ·d_x + d_y. A custom cost is a subclass of :class:`PairwiseCost`, passed where a name is accepted.
 """
-from .feature_costs import Bilinear, CosineCost, FeatureCost, L2Cost, get_feature_cost, FEATURE_COSTS
-from .prob_costs import KLCost, L1Cost, ProbCost, get_prob_cost, PROB_COSTS
+
+from .base import Factorized, PairwiseCost
+from .feature import CosineCost, L2Cost
+from .joint import JointCost, get_feature_cost, get_prob_cost
+from .prob import KLCost, L1Cost
 
 __all__ = [
-    "Bilinear", "FeatureCost", "CosineCost", "L2Cost", "get_feature_cost", "FEATURE_COSTS",
-    "ProbCost", "KLCost", "L1Cost", "get_prob_cost", "PROB_COSTS",
+    "PairwiseCost",
+    "Factorized",
+    "CosineCost",
+    "L2Cost",
+    "KLCost",
+    "L1Cost",
+    "JointCost",
+    "get_feature_cost",
+    "get_prob_cost",
 ]

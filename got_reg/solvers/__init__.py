@@ -1,8 +1,19 @@
-"""OT solvers: entropic Sinkhorn (three backends, envelope gradient) and the learned semi-dual."""
-from .dual import KantorovichPotential, semidual_plan, semidual_value, semidual_value_and_plan
-from .sinkhorn import BACKENDS, SinkhornResult, entropic_ot, marginal_error, solve_sinkhorn
+"""OT solvers with one result type (:class:`OTResult`): entropic Sinkhorn (three backends, envelope
+gradient) and the learned semi-dual, all built on the row log-sum-exp of :mod:`got_reg.solvers.lse`."""
+
+from .dual import KantorovichPotential, semidual
+from .result import OTResult, marginal_error, with_grad
+from .sinkhorn import BACKENDS, SinkhornBackend, get_backend, sinkhorn_log, solve_sinkhorn
 
 __all__ = [
-    "BACKENDS", "SinkhornResult", "entropic_ot", "solve_sinkhorn", "marginal_error",
-    "KantorovichPotential", "semidual_value", "semidual_plan", "semidual_value_and_plan",
+    "OTResult",
+    "marginal_error",
+    "with_grad",
+    "BACKENDS",
+    "SinkhornBackend",
+    "get_backend",
+    "sinkhorn_log",
+    "solve_sinkhorn",
+    "semidual",
+    "KantorovichPotential",
 ]

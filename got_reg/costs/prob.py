@@ -1,31 +1,15 @@
 """Costs d_y(h(z_i), h(z_adv_j)) between predicted class distributions, taken from logits."""
+
 from __future__ import annotations
 
-from typing import Dict, Optional, Type, Union
+from typing import Any
 
 import torch
 
-from .._checks import check_choice
-from .feature_costs import Bilinear
+from .base import Factorized, PairwiseCost
 
 
-class ProbCost:
-    """Base class: ``pairwise(logits, logits_adv)[i, j] = d_y(softmax(logits_i), softmax(logits_adv_j))``."""
-
-    name = "base"
-
-    def pairwise(self, logits: torch.Tensor, logits_adv: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def bilinear(self, logits: torch.Tensor, logits_adv: torch.Tensor) -> Optional[Bilinear]:
-        """The cost as a :class:`~got_reg.costs.feature_costs.Bilinear` form before clamping, or None."""
-        return None
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}()"
-
-
-class KLCost(ProbCost):
+class KLCost(PairwiseCost):
     r"""d_y(p, q) = KL(p ‖ q) = Σ_k p_k (log p_k − log q_k), the paper's best choice.
 
     As a matrix: KL[i, j] = Σ_k p_ik log p_ik − (p @ log qᵀ)[i, j], with log-probabilities from
@@ -35,15 +19,18 @@ class KLCost(ProbCost):
     name = "kl"
 
     def pairwise(self, logits: torch.Tensor, logits_adv: torch.Tensor) -> torch.Tensor:
-        b = self.bilinear(logits, logits_adv)
+        f = self.factorized(logits, logits_adv)
         # Rounding can leave KL(p‖p) at -1e-7; the divergence is non-negative by definition.
-        return torch.addmm(b.row[:, None], b.left, b.right.T).clamp_min(0.0)
+        return torch.addmm(f.row[:, None], f.left, f.right.T).clamp_min(0.0)  # type: ignore[index]
 
-    def bilinear(self, logits: torch.Tensor, logits_adv: torch.Tensor) -> Bilinear:
+    def factorized(self, logits: torch.Tensor, logits_adv: torch.Tensor) -> Factorized:
         log_p = torch.log_softmax(logits, dim=1)
         log_q = torch.log_softmax(logits_adv, dim=1)
         p = log_p.exp()
-        return Bilinear((p * log_p).sum(1), -p, log_q)
+        return Factorized((p * log_p).sum(1), -p, log_q)
+
+    def embed(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, dim=1)
 
 
 class _PairwiseL1(torch.autograd.Function):
@@ -53,7 +40,7 @@ class _PairwiseL1(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx: Any, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         out = p.new_zeros(p.shape[0], q.shape[0])
         for k in range(p.shape[1]):
             out += (p[:, k, None] - q[None, :, k]).abs_()
@@ -61,7 +48,7 @@ class _PairwiseL1(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         p, q = ctx.saved_tensors
         gp = torch.empty_like(p)
         gq = torch.empty_like(q)
@@ -72,7 +59,7 @@ class _PairwiseL1(torch.autograd.Function):
         return gp, gq
 
 
-class L1Cost(ProbCost):
+class L1Cost(PairwiseCost):
     r"""d_y(p, q) = |p − q|_1 = Σ_k |p_k − q_k|, in [0, 2].
 
     Not a matrix product; computed one class at a time, so memory is O(B²) for any number of classes.
@@ -83,12 +70,5 @@ class L1Cost(ProbCost):
     def pairwise(self, logits: torch.Tensor, logits_adv: torch.Tensor) -> torch.Tensor:
         return _PairwiseL1.apply(torch.softmax(logits, dim=1), torch.softmax(logits_adv, dim=1))
 
-
-PROB_COSTS: Dict[str, Type[ProbCost]] = {"kl": KLCost, "l1": L1Cost}
-
-
-def get_prob_cost(cost: Union[str, ProbCost] = "kl") -> ProbCost:
-    """Factory: a name in :data:`PROB_COSTS` or a :class:`ProbCost` instance."""
-    if isinstance(cost, ProbCost):
-        return cost
-    return PROB_COSTS[check_choice("prob_cost", cost, PROB_COSTS)]()
+    def embed(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(logits, dim=1)

@@ -1,0 +1,523 @@
+r"""Optional Triton kernels for the log-domain Sinkhorn solver (CUDA; CPU only through Triton's interpreter).
+
+Two kernels, both in float32 with the convention of :mod:`got_reg.solvers.sinkhorn`: a cost matrix C may
+hold +∞ on forbidden (masked) pairs, which contribute exactly 0 to every sum; every row and column must
+keep a finite entry (the caller checks that, this module never synchronises with the host).
+
+:func:`row_lse` — one half of a Sinkhorn sweep for large matrices,
+
+    out_i = log Σ_j exp(scale · A_ij + w_j),
+
+streamed over column tiles with the *online* log-sum-exp: each program keeps, per row, a running maximum
+M and a running sum S = Σ_seen exp(x_j − M); a new tile with maximum M' ≥ M updates
+
+    S ← S · exp(M − M') + Σ_tile exp(x_j − M'),   M ← M',
+
+and the result is M + log S. A is read once, nothing of size n × m is written, and the exponent is
+never positive, so the sums cannot overflow. The torch expression materialises w + scale·A and its
+exponential for every half-sweep, which is what made a B = 8192 solve memory-bound.
+
+:func:`sinkhorn_fused` — a whole solve (ε-scaling, then over-relaxed Sinkhorn with its stopping test)
+for n, m ≤ 256 in one launch of one program. At that size a solve is a few microseconds of arithmetic
+but hundreds of kernel launches and a host synchronisation per stopping test in eager torch; here the
+loop, its control flow and the stopping test run on the device, and the results (potentials, iteration
+count, marginal error) stay there until the caller reads them.
+
+Arithmetic is float32 throughout (Triton's exp is ex2.approx, 2 ulp). Against a float64 run of the same
+sweeps (tests/solvers/test_triton.py, which asserts 1e-5): dual value within 1e-7 relative and plan
+within ~3e-6 in L1 (total mass 1) in the cases measured, with the float32 torch loop's iteration counts.
+
+The import of ``triton`` is optional: without it this module still imports and :func:`available` is
+False. Kernels are compiled for the GPU unless ``TRITON_INTERPRET=1`` was set when this module was
+imported, in which case they run on CPU tensors through Triton's interpreter (tests, no GPU needed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+try:  # optional dependency
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = True
+except Exception:  # ImportError, or a broken install (missing libraries): the torch paths still work
+    triton = None
+    tl = None
+    _HAVE_TRITON = False
+
+# Triton decides at decoration time whether @triton.jit builds GPU kernels or interpreter functions.
+INTERPRET = False
+if _HAVE_TRITON:
+    try:
+        INTERPRET = bool(triton.knobs.runtime.interpret)
+    except AttributeError:  # older releases without knobs
+        import os
+
+        INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# The largest problem :func:`sinkhorn_fused` takes (one program holds a 256 × 256 tile's passes).
+FUSED_MAX = 256
+# Tiles of at most this many entries stay in registers for the whole solve; larger ones are re-read
+# from global memory (L1/L2) each pass: 256 × 256 fp32 is 256 KB, the size of an SM's register file.
+_RESIDENT_MAX = 128 * 128
+# Entries per chunk of a streamed pass, and per tile of row_lse (about 32 per thread at 4 warps).
+_CHUNK = 4096
+
+# Over-relaxation schedule of the Sinkhorn loop: plain sweeps before relaxing, sweeps per stopping test,
+# stopping tests without a new best error before the permanent fall-back to plain Sinkhorn. They must
+# match the torch solver's (got_reg.solvers.sinkhorn) for the two paths to give the same iterations.
+RELAX_AFTER, CHECK_EVERY, PATIENCE = 10, 5, 10
+
+
+def available() -> bool:
+    """True if Triton imported (the kernels can then run on CUDA tensors, or on CPU ones when interpreted)."""
+    return _HAVE_TRITON
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, int(x) - 1).bit_length()
+
+
+def _launching(t: torch.Tensor):
+    """Launch on t's GPU (Triton launches on the current device; DDP ranks usually set it, but a tensor
+    on another GPU would be read out of bounds). Under the interpreter: numpy warnings off, since
+    padding slices take log(0) = −∞ on purpose."""
+    if INTERPRET:
+        import numpy
+
+        return numpy.errstate(divide="ignore")
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
+
+
+def _device_ok(t: torch.Tensor) -> bool:
+    return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+
+
+def row_lse_supported(A: torch.Tensor) -> bool:
+    """Whether :func:`row_lse` takes A: Triton present, CUDA, float32, 2-D (any size)."""
+    return _HAVE_TRITON and not INTERPRET and A.is_cuda and A.dtype == torch.float32 and A.dim() == 2
+
+
+def fused_supported(C: torch.Tensor) -> bool:
+    """Whether :func:`sinkhorn_fused` takes C: Triton present, CUDA, float32, 2-D with n, m ≤ 256.
+
+    False on CPU even under the interpreter (tests call the kernels directly), so that a solver that
+    dispatches on this never routes CPU work through the interpreter.
+    """
+    return (
+        _HAVE_TRITON
+        and not INTERPRET
+        and C.is_cuda
+        and C.dtype == torch.float32
+        and C.dim() == 2
+        and 1 <= C.shape[0] <= FUSED_MAX
+        and 1 <= C.shape[1] <= FUSED_MAX
+    )
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _lse(x, AXIS: tl.constexpr):
+        """log Σ exp(x) along AXIS; −∞ entries add 0, an all −∞ slice gives −∞ (padding)."""
+        mx = tl.max(x, AXIS)
+        # An all −∞ slice would give −∞ − (−∞) = NaN: shift it by 0 instead.
+        ref = tl.where(mx == float("-inf"), 0.0, mx)
+        s = tl.sum(tl.exp(x - tl.expand_dims(ref, AXIS)), AXIS)
+        return ref + tl.log(s)
+
+    @triton.jit
+    def _exponent(c, w, scale):
+        """w + scale · c, with −∞ where c = +∞ (masked or padding): exact zeros in any sign of scale."""
+        return tl.where(c == float("inf"), float("-inf"), w + scale * c)
+
+    @triton.jit
+    def _expm1(x):
+        """exp(x) − 1 without the cancellation near 0 (Taylor to x⁵ below |x| = 0.03: error < 4e-11)."""
+        p = x * (1.0 + x * (0.5 + x * (0.16666666666666666 + x * (0.041666666666666664 + x * 0.008333333333333333))))
+        return tl.where(tl.abs(x) < 0.03, p, tl.exp(x) - 1.0)
+
+    @triton.jit(do_not_specialize=["n"])
+    def _row_lse_kernel(A, W, OUT, n, m, stride, scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < n
+        # int64 row offsets: n · m may pass 2³¹ on large batches.
+        row_ptr = A + rows.to(tl.int64)[:, None] * stride
+        run_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        run_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+        # A while loop, not `for c0 in range(0, m, BLOCK_N)`: the same code (Triton does not software-
+        # pipeline these loads either way), and Triton 3.6's interpreter cannot take a runtime bound in
+        # range() under numpy >= 2.4 (int() of a 1-element array; triton-lang/triton#9171).
+        c0 = tl.full([], 0, tl.int32)
+        while c0 < m:
+            cols = c0 + tl.arange(0, BLOCK_N)
+            cmask = cols < m
+            a = tl.load(row_ptr + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=float("inf"))
+            w = tl.load(W + cols, mask=cmask, other=0.0)
+            x = _exponent(a, w[None, :], scale)
+            new_max = tl.maximum(run_max, tl.max(x, 1))
+            ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+            run_sum = run_sum * tl.exp(run_max - ref) + tl.sum(tl.exp(x - ref[:, None]), 1)
+            run_max = new_max
+            c0 += BLOCK_N
+        ref = tl.where(run_max == float("-inf"), 0.0, run_max)
+        tl.store(OUT + rows, ref + tl.log(run_sum), mask=rmask)
+
+    # ---------------------------------------------------------------- fused solve: one pass of each side
+
+    @triton.jit
+    def _row_pass(K, r, C, w, scale, SCR, BN: tl.constexpr, BM: tl.constexpr, H: tl.constexpr, RESIDENT: tl.constexpr):
+        """(BN,) log Σ_j exp(scale · C_ij + w_j) of the padded (BN, BM) cost; padding rows give −∞.
+
+        RESIDENT: from the tile K = s · C held in registers (−∞ where masked), as w + r · K with
+        r = scale / s. Otherwise C is streamed from global memory (L1/L2) in chunks of H full rows, so
+        that w stays in registers; the chunks' results go through the scratch vector, since a register
+        tensor cannot be assembled piecewise. The barriers order those global writes and reads between
+        the threads of the program, and against the column pass, which uses the same scratch.
+        """
+        if RESIDENT:
+            out = _lse(w[None, :] + r * K, 1)
+        else:
+            cols = tl.arange(0, BM)
+            tl.debug_barrier()
+            for r0 in range(0, BN, H):
+                rr = r0 + tl.arange(0, H)
+                c = tl.load(C + rr[:, None] * BM + cols[None, :])
+                tl.store(SCR + rr, _lse(_exponent(c, w[None, :], scale), 1))
+            tl.debug_barrier()
+            out = tl.load(SCR + tl.arange(0, BN))
+        return out
+
+    @triton.jit
+    def _col_pass(K, r, C, w, scale, SCR, BN: tl.constexpr, BM: tl.constexpr, H: tl.constexpr, RESIDENT: tl.constexpr):
+        """(BM,) log Σ_i exp(scale · C_ij + w_i); padding columns give −∞ (arguments as in _row_pass).
+
+        Streamed: the same row chunks (coalesced reads, no transposed copy of C) with an online
+        log-sum-exp per column across chunks; each chunk of w comes back from the scratch vector.
+        """
+        if RESIDENT:
+            out = _lse(w[:, None] + r * K, 0)
+        else:
+            cols = tl.arange(0, BM)
+            tl.debug_barrier()
+            tl.store(SCR + tl.arange(0, BN), w)
+            tl.debug_barrier()
+            run_max = tl.full([BM], float("-inf"), tl.float32)
+            run_sum = tl.zeros([BM], dtype=tl.float32)
+            for r0 in range(0, BN, H):
+                rr = r0 + tl.arange(0, H)
+                c = tl.load(C + rr[:, None] * BM + cols[None, :])
+                wc = tl.load(SCR + rr)
+                x = _exponent(c, wc[:, None], scale)
+                new_max = tl.maximum(run_max, tl.max(x, 0))
+                ref = tl.where(new_max == float("-inf"), 0.0, new_max)
+                run_sum = run_sum * tl.exp(run_max - ref) + tl.sum(tl.exp(x - ref[None, :]), 0)
+                run_max = new_max
+            ref = tl.where(run_max == float("-inf"), 0.0, run_max)
+            out = ref + tl.log(run_sum)
+        return out
+
+    @triton.jit
+    def _cost_range(Ct, C, BN: tl.constexpr, BM: tl.constexpr, H: tl.constexpr, RESIDENT: tl.constexpr):
+        """max − min of the finite entries of C."""
+        if RESIDENT:
+            hi = tl.max(tl.max(tl.where(Ct == float("inf"), float("-inf"), Ct), 1), 0)
+            lo = tl.min(tl.min(Ct, 1), 0)
+        else:
+            cols = tl.arange(0, BM)
+            hi_v = tl.full([BM], float("-inf"), tl.float32)
+            lo_v = tl.full([BM], float("inf"), tl.float32)
+            for r0 in range(0, BN, H):
+                rr = r0 + tl.arange(0, H)
+                c = tl.load(C + rr[:, None] * BM + cols[None, :])
+                hi_v = tl.maximum(hi_v, tl.max(tl.where(c == float("inf"), float("-inf"), c), 0))
+                lo_v = tl.minimum(lo_v, tl.min(c, 0))
+            hi = tl.max(hi_v, 0)
+            lo = tl.min(lo_v, 0)
+        return hi - lo
+
+    @triton.jit
+    def _row_error(u, lse_row, log_b, rmask, n):
+        """mean_i |a_i⁻¹ · row_i(P) − 1| = mean_i |expm1(u_i + lse_row_i + log b)| over the real rows."""
+        return tl.sum(tl.where(rmask, tl.abs(_expm1(u + lse_row + log_b)), 0.0), 0) / n
+
+    @triton.jit(do_not_specialize=["n", "m", "max_iter"])
+    def _sinkhorn_kernel(
+        C,
+        n,
+        m,
+        U,
+        V,
+        SCR,
+        IT,
+        ERR,
+        theta,
+        s,
+        max_iter,
+        tol,
+        scaling,
+        relax,
+        log_a,
+        log_b,
+        BN: tl.constexpr,
+        BM: tl.constexpr,
+        H: tl.constexpr,
+        RESIDENT: tl.constexpr,
+        RELAX_AFTER: tl.constexpr,
+        CHECK_EVERY: tl.constexpr,
+        PATIENCE: tl.constexpr,
+    ):
+        # C is (BN, BM), contiguous and +∞-padded by the caller: unmasked, vectorised loads, and one
+        # compiled variant per padded shape whatever the real (n, m) and strides.
+        rows = tl.arange(0, BN)
+        cols = tl.arange(0, BM)
+        rmask = rows < n
+        cmask = cols < m
+        if RESIDENT:
+            Ct = tl.load(C + rows[:, None] * BM + cols[None, :])
+        else:
+            Ct = 0.0  # unused: the passes stream C from global memory
+
+        eps = _cost_range(Ct, C, BN, BM, H, RESIDENT)
+        if RESIDENT:
+            # The only tile kept live. Written with C itself, the compiler hoists C, its mask and s · C
+            # out of the loops and holds all three (register spills at 128 × 128).
+            K = tl.where(Ct == float("inf"), float("-inf"), s * Ct)
+        else:
+            K = 0.0
+
+        # ε-scaling: one sweep per ε = D, D·scaling, … while ε > θ, on the potentials in cost units.
+        g = tl.zeros([BM], dtype=tl.float32)
+        it = tl.full([], 0, tl.int32)
+        while (eps > theta) & (it < max_iter):
+            sc = -1.0 / eps
+            f = -eps * (_row_pass(K, theta / eps, C, g / eps, sc, SCR, BN, BM, H, RESIDENT) + log_b)
+            f = tl.where(rmask, f, 0.0)
+            g = -eps * (_col_pass(K, theta / eps, C, f / eps, sc, SCR, BN, BM, H, RESIDENT) + log_a)
+            g = tl.where(cmask, g, 0.0)
+            eps = eps * scaling
+            it += 1
+
+        # Scaled potentials u = f/θ, v = g/θ; padding entries are held at 0 so that they stay finite.
+        v = g / theta
+        u = tl.where(rmask, -_row_pass(K, 1.0, C, v, s, SCR, BN, BM, H, RESIDENT) - log_b, 0.0)
+        omega = tl.full([], 1.0, tl.float32)
+        best = tl.full([], float("inf"), tl.float32)
+        err = tl.full([], float("inf"), tl.float32)
+        stalled = tl.full([], 0, tl.int32)
+        exact = tl.full([], 1, tl.int32)
+        check = tl.full([], 0, tl.int32)  # whether the last sweep measured err (none yet)
+        done = tl.full([], 0, tl.int32)
+        k = tl.full([], 0, tl.int32)
+        n_sweeps = max_iter - it
+        # A while loop with a flag rather than `break`, and every branch of the reference loop written
+        # as a select: the scalars are reductions that all threads hold, so all take the same path.
+        while (k < n_sweeps) & (done == 0):
+            omega = tl.where(k == RELAX_AFTER, relax, omega)
+            is_check = (k % CHECK_EVERY) == 0
+            is_exact = (omega == 1.0) | is_check
+            v_map = -_col_pass(K, 1.0, C, u, s, SCR, BN, BM, H, RESIDENT) - log_a
+            v = tl.where(cmask, tl.where(is_exact, v_map, v + omega * (v_map - v)), 0.0)
+            it += 1
+            lse_row = _row_pass(K, 1.0, C, v, s, SCR, BN, BM, H, RESIDENT)
+            e = _row_error(u, lse_row, log_b, rmask, n)
+            err = tl.where(is_check, e, err)
+            converged = is_check & (e <= tol)
+            measured = is_check & (e > tol)
+            improved = e < best
+            best = tl.where(measured & improved, e, best)
+            stalled = tl.where(measured, tl.where(improved, 0, stalled + 1), stalled)
+            give_up = measured & (stalled > PATIENCE)
+            omega = tl.where(give_up, 1.0, omega)
+            relax = tl.where(give_up, 1.0, relax)
+            u_map = -lse_row - log_b
+            u_next = tl.where(omega == 1.0, u_map, u + omega * (u_map - u))
+            u = tl.where(rmask & (converged == 0), u_next, u)
+            exact = is_exact.to(tl.int32)
+            check = is_check.to(tl.int32)
+            done = converged.to(tl.int32)
+            k += 1
+
+        # A relaxed last sweep: make the columns exact. Either way, unless the last sweep measured err,
+        # measure it for the returned (u, v). One extra sweep's work, done unconditionally (selects).
+        v_fix = tl.where(cmask, -_col_pass(K, 1.0, C, u, s, SCR, BN, BM, H, RESIDENT) - log_a, 0.0)
+        v = tl.where(exact == 0, v_fix, v)
+        e = _row_error(u, _row_pass(K, 1.0, C, v, s, SCR, BN, BM, H, RESIDENT), log_b, rmask, n)
+        err = tl.where((exact == 0) | (check == 0), e, err)
+
+        tl.store(U + rows, u, mask=rmask)
+        tl.store(V + cols, v, mask=cmask)
+        tl.store(IT, it)
+        tl.store(ERR, err)
+
+
+def _require(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def _row_lse_config(n: int, m: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps): tiles of about _CHUNK entries, at most 512 columns wide, and rows
+    per program cut down until there are a few programs per SM (132 on an H100)."""
+    block_n = min(512, max(16, _next_pow2(m)))
+    block_m = max(1, min(_next_pow2(n), _CHUNK // block_n))
+    while block_m > 1 and -(-n // block_m) < 264:
+        block_m //= 2
+    return block_m, block_n, 4
+
+
+def row_lse(
+    A: torch.Tensor,
+    w: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+    *,
+    block: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    r"""out_i = log Σ_j exp(scale · A_ij + w_j) for float32 A (n, m), finite w (m,), in one streaming read of A.
+
+    Entries A_ij = +∞ contribute exactly 0 whatever the sign of ``scale`` (masked pairs); every row needs
+    a finite one (a row without gives −∞, unchecked: checking would synchronise). No n × m temporary is
+    made. One half of a Sinkhorn sweep is ``row_lse(C, v, -1/θ)``; the other is ``row_lse(Cᵀ, u, -1/θ)``
+    on a contiguous copy of Cᵀ made once per solve. ``block``: (rows, columns) of a tile, powers of two,
+    instead of the default (tuning, tests).
+    """
+    if not _HAVE_TRITON:
+        raise RuntimeError("row_lse needs triton (pip install triton)")
+    _require(
+        A.dim() == 2 and A.dtype == torch.float32, f"A must be a 2-D float32 tensor, got {tuple(A.shape)} {A.dtype}"
+    )
+    _require(A.stride(1) == 1, "A must have contiguous rows (A.stride(1) == 1)")
+    n, m = A.shape
+    _require(
+        w.shape == (m,) and w.dtype == torch.float32 and w.device == A.device,
+        f"w must be float32 of shape ({m},) on {A.device}",
+    )
+    _require(_device_ok(A), f"row_lse runs on CUDA tensors (CPU only with TRITON_INTERPRET=1), got {A.device}")
+    w = w.contiguous()
+    if out is None:
+        out = torch.empty(n, dtype=torch.float32, device=A.device)
+    else:
+        _require(
+            out.shape == (n,) and out.dtype == torch.float32 and out.is_contiguous() and out.device == A.device,
+            f"out must be a contiguous float32 ({n},) tensor on {A.device}",
+        )
+    if n == 0:
+        return out
+    _require(m > 0, "A needs at least one column")
+    block_m, block_n, warps = _row_lse_config(n, m)
+    if block is not None:
+        block_m, block_n = block
+        _require(
+            block_m == _next_pow2(block_m) and block_n == _next_pow2(block_n), f"block must be powers of 2, got {block}"
+        )
+    with _launching(A):
+        _row_lse_kernel[(triton.cdiv(n, block_m),)](
+            A, w, out, n, m, A.stride(0), float(scale), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps
+        )
+    return out
+
+
+def fused_config(n: int, m: int) -> dict:
+    """Tile sizes and warps of :func:`sinkhorn_fused` for an (n, m) cost (also used by the AOT tests)."""
+    bn, bm = max(16, _next_pow2(n)), max(16, _next_pow2(m))
+    resident = bn * bm <= _RESIDENT_MAX
+    h = max(1, min(bn, _CHUNK // bm))
+    # Resident: 32 tile entries per thread (128 × 128 at 16 warps compiles to 128 registers, no spills;
+    # at 8 warps to 233). Streamed: 16 entries of a 4096-entry chunk per thread.
+    warps = min(16, max(4, bn * bm // 1024)) if resident else 8
+    return dict(BN=bn, BM=bm, H=h, RESIDENT=resident, num_warps=warps)
+
+
+def sinkhorn_fused(
+    C: torch.Tensor,
+    theta: float,
+    *,
+    max_iter: int,
+    tol: float,
+    scaling: float = 0.8,
+    relax: float = 1.8,
+    num_warps: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""The whole entropic Sinkhorn solve between uniform weights, in one kernel launch, for n, m ≤ 256.
+
+    With a = 1/n, b = 1/m, s = −1/θ and C_ij = +∞ on masked pairs:
+
+    1. ε-scaling from ε = D (the spread of the finite costs) while ε > θ, ε ← ε·``scaling``, one sweep per ε
+       on the potentials in cost units: f_i = −ε(LSE_j((g_j − C_ij)/ε) + log b), then
+       g_j = −ε(LSE_i((f_i − C_ij)/ε) + log a).
+    2. v = g/θ, u = −LSE_j(v_j + s C_ij) − log b, then sweeps of the Sinkhorn maps
+       v_j ← −LSE_i(u_i + s C_ij) − log a,  u_i ← −LSE_j(v_j + s C_ij) − log b,
+       over-relaxed (x ← x + ω(map(x) − x), ω = ``relax``) from sweep 10 on, except the v-map of every
+       5th sweep, which is exact. On those sweeps the plan's columns sum to b and its row error
+       err = mean_i |exp(u_i + LSE_j(v_j + s C_ij) + log b) − 1| (relative to a_i) is the stopping test,
+       err ≤ ``tol``; after 10 such checks without a new best error the solve falls back to plain
+       Sinkhorn (ω = 1) for good. If ``max_iter`` ends on a relaxed sweep the columns are made exact and
+       err re-measured; err always describes the returned (u, v).
+
+    Returns (u, v, iterations, err): the scaled potentials f/θ (n,) and g/θ (m,), the sweep count
+    (int32, 0-d) and err (float32, 0-d), all on C's device and none read back here (no host
+    synchronisation). The plan is P_ij = exp(u_i + s C_ij + v_j + log a + log b) and the dual value
+    θ(mean u + mean v). Every row and column of C needs a finite entry (not checked here).
+
+    Where this comes from: eager torch spends ~12 ms per B = 128 solve in launches and synchronisations,
+    for a few microseconds of arithmetic. The kernel holds tiles up to 128 × 128 in registers for the
+    whole solve, and streams larger ones from L1/L2 (256 × 256 fp32 does not fit an SM's registers or
+    shared memory).
+    """
+    if not _HAVE_TRITON:
+        raise RuntimeError("sinkhorn_fused needs triton (pip install triton)")
+    _require(
+        C.dim() == 2 and C.dtype == torch.float32, f"C must be a 2-D float32 tensor, got {tuple(C.shape)} {C.dtype}"
+    )
+    n, m = C.shape
+    _require(
+        1 <= n <= FUSED_MAX and 1 <= m <= FUSED_MAX, f"sinkhorn_fused takes n, m in [1, {FUSED_MAX}], got {n}, {m}"
+    )
+    _require(_device_ok(C), f"sinkhorn_fused runs on CUDA tensors (CPU only with TRITON_INTERPRET=1), got {C.device}")
+    _require(theta > 0 and math.isfinite(theta), f"theta must be positive and finite, got {theta}")
+    _require(0.0 < relax < 2.0, f"relax must be in (0, 2), got {relax}")
+    _require(0.0 < scaling < 1.0, f"scaling must be in (0, 1), got {scaling}")
+    cfg = fused_config(n, m)
+    bn, bm = cfg["BN"], cfg["BM"]
+    if (n, m) != (bn, bm) or not C.is_contiguous() or C.data_ptr() % 16:
+        C = torch.nn.functional.pad(C, (0, bm - m, 0, bn - n), value=math.inf).contiguous()
+    # One allocation: u, v (outputs, 16-byte aligned views) and the scratch vector of streamed passes.
+    work = torch.empty(2 * bn + bm, dtype=torch.float32, device=C.device)
+    u, v, scratch = work[:n], work[bn : bn + m], work[bn + bm :]
+    iters = torch.empty((), dtype=torch.int32, device=C.device)
+    err = torch.empty((), dtype=torch.float32, device=C.device)
+    with _launching(C):
+        _sinkhorn_kernel[(1,)](
+            C,
+            n,
+            m,
+            u,
+            v,
+            scratch,
+            iters,
+            err,
+            float(theta),
+            -1.0 / float(theta),
+            int(max_iter),
+            float(tol),
+            float(scaling),
+            float(relax),
+            -math.log(n),
+            -math.log(m),
+            BN=bn,
+            BM=bm,
+            H=cfg["H"],
+            RESIDENT=cfg["RESIDENT"],
+            RELAX_AFTER=RELAX_AFTER,
+            CHECK_EVERY=CHECK_EVERY,
+            PATIENCE=PATIENCE,
+            num_warps=num_warps or cfg["num_warps"],
+        )
+    return u, v, iters, err
