@@ -18,10 +18,11 @@ back afterwards, even on error.  Gradients are taken with ``torch.autograd.grad`
 input only, so nothing is accumulated in the parameters' ``.grad``.  Randomness comes from the
 optional ``generator`` (else the global torch RNG is *consumed*, never reseeded).
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -51,9 +52,16 @@ def _project(x_adv: torch.Tensor, x0: torch.Tensor, epsilon: float) -> torch.Ten
     return torch.clamp(x_adv, 0.0, 1.0)
 
 
-def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: float, step_size: float,
-             num_steps: int, random_start: bool = True,
-             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def pgd_linf(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epsilon: float,
+    step_size: float,
+    num_steps: int,
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Untargeted L-inf PGD on the cross-entropy (Madry et al. 2018). Returns detached ``x_adv``."""
     x0 = x.detach()
     if random_start:
@@ -67,13 +75,19 @@ def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epsilon: float,
             # Sum, not mean: only the sign of the gradient is used, and a mean would underflow
             # per-example gradients for large batches.
             loss = F.cross_entropy(model(x_adv), y, reduction="sum")
-            grad, = torch.autograd.grad(loss, [x_adv])
+            (grad,) = torch.autograd.grad(loss, [x_adv])
             x_adv = _project(x_adv.detach() + step_size * grad.sign(), x0, epsilon)
     return x_adv.detach()
 
 
-def trades_kl_attack(model: nn.Module, x_natural: torch.Tensor, epsilon: float, step_size: float,
-                     num_steps: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def trades_kl_attack(
+    model: nn.Module,
+    x_natural: torch.Tensor,
+    epsilon: float,
+    step_size: float,
+    num_steps: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """TRADES inner maximisation (``trades_loss`` of yaodongyu/TRADES, ``distance='l_inf'``).
 
     ``model.eval()`` during the attack as in the reference (which then calls ``model.train()``;
@@ -91,7 +105,7 @@ def trades_kl_attack(model: nn.Module, x_natural: torch.Tensor, epsilon: float, 
             for _ in range(num_steps):
                 x_adv.requires_grad_(True)
                 loss_kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_natural, reduction="sum")
-                grad, = torch.autograd.grad(loss_kl, [x_adv])
+                (grad,) = torch.autograd.grad(loss_kl, [x_adv])
                 x_adv = _project(x_adv.detach() + step_size * grad.sign(), x0, epsilon)
     # The reference clamps once more after the loop; a no-op for num_steps > 0 but not for 0.
     return torch.clamp(x_adv, 0.0, 1.0).detach()
@@ -103,5 +117,5 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     correct = 0
     with eval_mode(model):
         for i in range(0, len(x), batch_size):
-            correct += (model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
+            correct += (model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum().item()
     return correct / max(len(x), 1)

@@ -8,12 +8,12 @@
 
 Only ``load_datasets`` is meant to be called by the scripts.
 """
+
 from __future__ import annotations
 
 import gzip
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -30,9 +30,18 @@ MNIST_FILES = {
 }
 # What torchvision expects under the root directory for each dataset (download=False).
 VISION_FILES = {
-    "cifar10": ["cifar-10-batches-py/" + f for f in
-                ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
-                 "test_batch", "batches.meta"]],
+    "cifar10": [
+        "cifar-10-batches-py/" + f
+        for f in [
+            "data_batch_1",
+            "data_batch_2",
+            "data_batch_3",
+            "data_batch_4",
+            "data_batch_5",
+            "test_batch",
+            "batches.meta",
+        ]
+    ],
     "cifar100": ["cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"],
     "svhn": ["train_32x32.mat", "test_32x32.mat"],
 }
@@ -72,10 +81,8 @@ def load_digits_tensors(split_seed: int = 0, test_fraction: float = 0.3):
     bunch = load_digits()
     x = (bunch.images.astype(np.float32) / 16.0)[:, None, :, :]
     y = bunch.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(
-        x, y, test_size=test_fraction, random_state=split_seed, stratify=y)
-    return (torch.from_numpy(x_tr), torch.from_numpy(y_tr),
-            torch.from_numpy(x_te), torch.from_numpy(y_te))
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=test_fraction, random_state=split_seed, stratify=y)
+    return (torch.from_numpy(x_tr), torch.from_numpy(y_tr), torch.from_numpy(x_te), torch.from_numpy(y_te))
 
 
 def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
@@ -85,21 +92,22 @@ def _read_idx(path: Path, expected_magic: int) -> np.ndarray:
     if magic != expected_magic:
         raise ValueError(f"{path}: idx magic number {magic}, expected {expected_magic}")
     ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
         raise ValueError(f"{path}: expected {shape} values, found {data.size} (truncated file?)")
     return data.reshape(shape)
 
 
-def load_mnist_tensors(data_dir: Optional[Path] = None):
+def load_mnist_tensors(data_dir: Path | None = None):
     """Read MNIST from the idx ``.gz`` files in ``data_dir``: x in [0,1]^(N,1,28,28), y int64."""
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir("mnist")
     missing = [f for f in MNIST_FILES.values() if not (data_dir / f).is_file()]
     if missing:
         raise FileNotFoundError(
             f"MNIST files missing in {data_dir}: {', '.join(missing)}. Expected the four idx files "
-            f"{', '.join(MNIST_FILES.values())} in that directory (pass --data-dir DIR).")
+            f"{', '.join(MNIST_FILES.values())} in that directory (pass --data-dir DIR)."
+        )
     # idx magic: 0x00000803 for uint8 3-d images, 0x00000801 for uint8 1-d labels.
     arrays = {k: _read_idx(data_dir / f, 2051 if "images" in k else 2049) for k, f in MNIST_FILES.items()}
 
@@ -109,8 +117,12 @@ def load_mnist_tensors(data_dir: Optional[Path] = None):
     def labels(a):
         return torch.from_numpy(a.astype(np.int64))
 
-    return (images(arrays["train_images"]), labels(arrays["train_labels"]),
-            images(arrays["test_images"]), labels(arrays["test_labels"]))
+    return (
+        images(arrays["train_images"]),
+        labels(arrays["train_labels"]),
+        images(arrays["test_images"]),
+        labels(arrays["test_labels"]),
+    )
 
 
 def _check_vision_files(name: str, root: Path) -> None:
@@ -123,7 +135,8 @@ def _check_vision_files(name: str, root: Path) -> None:
         }[name]
         raise FileNotFoundError(
             f"{name} files missing under {root}: {', '.join(missing)}. "
-            f"Nothing is downloaded: {hint} or pass --data-dir DIR.")
+            f"Nothing is downloaded: {hint} or pass --data-dir DIR."
+        )
 
 
 def _vision_datasets(name: str, root: Path):
@@ -133,8 +146,8 @@ def _vision_datasets(name: str, root: Path):
         from torchvision import transforms
     except ImportError as exc:
         raise ImportError(
-            f"the {name} loader needs torchvision, which is an optional dependency: "
-            "pip install 'got-reg[vision]'") from exc
+            f"the {name} loader needs torchvision, which is an optional dependency: pip install 'got-reg[vision]'"
+        ) from exc
     to_tensor = transforms.ToTensor()
     if name == "svhn":
         # No flips for digits; TRADES-style works train SVHN without augmentation.
@@ -143,21 +156,38 @@ def _vision_datasets(name: str, root: Path):
         return train, test
     augment = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), to_tensor])
     cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
-    return (cls(str(root), train=True, transform=augment, download=False),
-            cls(str(root), train=False, transform=to_tensor, download=False))
+    return (
+        cls(str(root), train=True, transform=augment, download=False),
+        cls(str(root), train=False, transform=to_tensor, download=False),
+    )
 
 
-def _first(ds: Dataset, n: Optional[int]) -> Dataset:
+def _first(ds: Dataset, n: int | None) -> Dataset:
     if n is None or n <= 0 or n >= len(ds):
         return ds
     return Subset(ds, range(n))
 
 
-def load_datasets(name: str, data_dir: Optional[str] = None, train_subset: Optional[int] = None,
-                  test_subset: Optional[int] = None, split_seed: int = 0):
+def check_data_dir(name: str, data_dir: str | None) -> None:
+    """A ``--data-dir`` for ``digits`` would be silently unused: it is bundled with scikit-learn."""
+    if name == "digits" and data_dir:
+        raise ValueError(
+            f"--data-dir {data_dir}: the digits data is bundled with scikit-learn and read from no "
+            "directory; drop --data-dir (it is for mnist, cifar10, cifar100 and svhn)"
+        )
+
+
+def load_datasets(
+    name: str,
+    data_dir: str | None = None,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    split_seed: int = 0,
+):
     """Return ``(train_set, test_set, info)``; ``*_subset=N`` keeps the first N points (smoke tests)."""
     if name not in INFO:
         raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    check_data_dir(name, data_dir)
     root = Path(data_dir) if data_dir else default_data_dir(name)
     if name == "digits":
         x_tr, y_tr, x_te, y_te = load_digits_tensors(split_seed)
@@ -170,7 +200,7 @@ def load_datasets(name: str, data_dir: Optional[str] = None, train_subset: Optio
     return _first(train, train_subset), _first(test, test_subset), INFO[name]
 
 
-def dataset_tensors(ds: Dataset, n: Optional[int] = None):
+def dataset_tensors(ds: Dataset, n: int | None = None):
     """Stack the first ``n`` items of ``ds`` into ``(x, y)`` tensors (evaluation helper)."""
     n = len(ds) if n is None or n <= 0 else min(n, len(ds))
     if isinstance(ds, TensorDataset):

@@ -11,16 +11,18 @@ lands in ``--out`` (default ``results/digits``):
       eps_sweep.png, latent_tsne.png
       trades/, got-trades-lm/       run directories (metrics, checkpoints, eval.json, eval.md)
 
-    .venv/bin/python examples/main.py
+    .venv/bin/python -m examples.main
 
 With ``--jobs 2`` (default when two cores are free) the two pipelines run in parallel
 processes, one thread each -- on a 2-core machine that is ~2x faster than one process using both
 cores, because these small models scale badly across threads.
 
 Digits settings (measured, see examples/README.md): eps = 0.15, 10-step TRADES attack of step
-0.03, TRADES alpha = 6, 20 epochs; GOT beta = 1 -- the paper's beta = 10 makes this tiny network
-collapse to a constant classifier when trained from scratch on digits.
+0.03, TRADES alpha = 6, 20 epochs; GOT-LM with the library's defaults (beta = 3, anchor "clean",
+debias). The paper's exact form (beta = 10, no anchor, no debias) makes this tiny network collapse to a
+constant classifier when trained from scratch on digits (docs/method.md).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,18 +32,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
-HERE = Path(__file__).resolve().parent
-if __package__ in (None, ""):
-    sys.path.insert(0, str(HERE))
-    from common import atomic_write_bytes, write_json  # type: ignore  # noqa: E402
-    from evaluate import plot_sweeps  # type: ignore  # noqa: E402
-    from plot_latent import plot_latent  # type: ignore  # noqa: E402
-else:
-    from .common import atomic_write_bytes, write_json
-    from .evaluate import plot_sweeps
-    from .plot_latent import plot_latent
+from ._io import atomic_write_bytes, write_json
+from .evaluate import plot_sweeps
+from .plot_latent import plot_latent
+from .report import comparison_table
 
 METHODS = {  # run-directory name -> extra train_trades.py flags
     "trades": ["--got", "none"],
@@ -50,12 +46,13 @@ METHODS = {  # run-directory name -> extra train_trades.py flags
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="TRADES vs GOT-TRADES-LM on sklearn digits",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description="TRADES vs GOT-TRADES-LM on sklearn digits", formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--out", type=str, default="results/digits")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--epochs", type=int, default=None, help="default: train_trades.py's digits default (20)")
-    p.add_argument("--got-beta", type=float, default=1.0, help="GOT weight beta (paper: 10; see module doc)")
+    p.add_argument("--got-beta", type=float, default=3.0, help="GOT weight beta (the library's default; paper: 10)")
     p.add_argument("--got-solver", choices=["sinkhorn", "dual"], default="sinkhorn")
     p.add_argument("--aa-n", type=int, default=200, help="AutoAttack test points per method")
     p.add_argument("--aa-breakdown", choices=["stages", "individual", "none"], default="stages")
@@ -64,22 +61,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-subset", type=int, default=None)
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--jobs", type=int, default=None, help="parallel pipelines (default: 2 if >= 2 CPUs)")
-    p.add_argument("--extra", type=str, nargs=argparse.REMAINDER, default=[],
-                   help="further train_trades.py flags for both runs, e.g. --extra --epsilon 0.1")
+    p.add_argument(
+        "--extra",
+        type=str,
+        nargs=argparse.REMAINDER,
+        default=[],
+        help="further train_trades.py flags for both runs, e.g. --extra --epsilon 0.1",
+    )
     return p
 
 
-def _commands(args: argparse.Namespace, name: str, run_dir: Path, threads: int) -> List[List[str]]:
-    train = [sys.executable, str(HERE / "train_trades.py"), "--dataset", "digits", "--out", str(run_dir),
-             "--seed", str(args.seed), "--overwrite", "--quiet", "--threads", str(threads),
-             "--got-beta", str(args.got_beta), "--got-solver", args.got_solver, *METHODS[name]]
-    for flag, value in (("--epochs", args.epochs), ("--train-subset", args.train_subset),
-                        ("--test-subset", args.test_subset)):
+def _commands(args: argparse.Namespace, name: str, run_dir: Path, threads: int) -> list[list[str]]:
+    train = [
+        sys.executable,
+        "-m",
+        "examples.train_trades",
+        "--dataset",
+        "digits",
+        "--out",
+        str(run_dir),
+        "--seed",
+        str(args.seed),
+        "--overwrite",
+        "--quiet",
+        "--threads",
+        str(threads),
+        "--got-beta",
+        str(args.got_beta),
+        "--got-solver",
+        args.got_solver,
+        *METHODS[name],
+    ]
+    for flag, value in (
+        ("--epochs", args.epochs),
+        ("--train-subset", args.train_subset),
+        ("--test-subset", args.test_subset),
+    ):
         if value is not None:
             train += [flag, str(value)]
     train += list(args.extra)
-    evaluate = [sys.executable, str(HERE / "evaluate.py"), str(run_dir), "--aa-n", str(args.aa_n),
-                "--aa-breakdown", args.aa_breakdown, "--threads", str(threads), "--quiet"]
+    evaluate = [
+        sys.executable,
+        "-m",
+        "examples.evaluate",
+        str(run_dir),
+        "--aa-n",
+        str(args.aa_n),
+        "--aa-breakdown",
+        args.aa_breakdown,
+        "--threads",
+        str(threads),
+        "--quiet",
+    ]
     if args.eps_sweep is not None:
         evaluate += ["--eps-sweep", *args.eps_sweep]
     return [train, evaluate]
@@ -93,9 +126,9 @@ def _run_pipelines(args: argparse.Namespace, out: Path, jobs: int) -> None:
     threads = 1 if jobs > 1 else max(1, os.cpu_count() or 1)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     pending = list(METHODS)
-    running: Dict[str, Dict[str, Any]] = {}
+    running: dict[str, dict[str, Any]] = {}
 
-    def start(name: str, state: Dict[str, Any]) -> None:
+    def start(name: str, state: dict[str, Any]) -> None:
         cmd = state["cmds"].pop(0)
         state["log"].write("$ " + " ".join(cmd) + "\n")
         state["log"].flush()
@@ -132,21 +165,7 @@ def _run_pipelines(args: argparse.Namespace, out: Path, jobs: int) -> None:
             state["log"].close()
 
 
-def summary_table(evals: Dict[str, Dict[str, Any]]) -> str:
-    lines = ["| method | clean | PGD-20 | PGD-40 | AutoAttack | AA: Square alone |",
-             "|---|---|---|---|---|---|"]
-    for e in evals.values():
-        aa = e.get("autoattack") or {}
-        sq = (aa.get("alone") or {}).get("square")
-        cells = [e["method"], f"{100 * e['clean_acc']:.1f}", f"{100 * e['pgd']['20']:.1f}",
-                 f"{100 * e['pgd']['40']:.1f}" if "40" in e["pgd"] else "-",
-                 f"{100 * aa['robust_acc']:.1f} (n={aa['n']})" if aa else "-",
-                 f"{100 * sq:.1f}" if sq is not None else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     t0 = time.time()
     out = Path(args.out)
@@ -157,38 +176,73 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     evals = {name: json.loads((out / name / "eval.json").read_text()) for name in METHODS}
     configs = {name: json.loads((out / name / "config.json").read_text()) for name in METHODS}
     first = next(iter(evals.values()))
-    plot_sweeps({e["method"]: e["eps_sweep"] for e in evals.values()}, out / "eps_sweep.png",
-                title="digits: PGD-20 accuracy vs eps", chance=first["majority_rate"], train_eps=first["epsilon"])
-    latent: Dict[str, Any] = {}
+    plot_sweeps(
+        {e["method"]: e["eps_sweep"] for e in evals.values()},
+        out / "eps_sweep.png",
+        title="digits: PGD-20 accuracy vs eps",
+        chance=first["majority_rate"],
+        train_eps=first["epsilon"],
+    )
+    latent: dict[str, Any] = {}
     if args.latent_n > 0:
         plot_latent([out / name for name in METHODS], out / "latent_tsne.png", n=args.latent_n)
         latent = json.loads((out / "latent_tsne.json").read_text())
 
     wall = time.time() - t0
     cfg = configs["trades"]
-    table = summary_table(evals)
+    table = comparison_table(evals)
     warnings = [f"{e['method']}: {w}" for e in evals.values() for w in e["warnings"]]
-    md = "\n".join([
-        "# TRADES vs GOT-TRADES-LM on sklearn digits (8x8)", "",
-        f"Test accuracy (%) on {first['n']} test digits; L-inf eps = {first['epsilon']:g} "
-        f"(PGD step {first['pgd_step_size']:g}, random start); AutoAttack = standard L-inf "
-        f"(APGD-CE, APGD-T, FAB-T, Square; pyautoattack) on the first {args.aa_n} test points.", "",
-        table, "",
-        f"Training: {cfg['epochs']} epochs, batch {cfg['batch_size']}, SGD lr {cfg['lr']} (x0.1 at epochs "
-        f"{cfg['lr_schedule']}), TRADES alpha={cfg['beta_trades']}, {cfg['num_steps']}-step KL attack of step "
-        f"{cfg['step_size']:g}, seed {cfg['seed']}; GOT-LM: beta={args.got_beta}, theta={cfg['got_theta']}, "
-        f"lam={cfg['got_lam']}, layer `{cfg['got_layer']}`, solver {args.got_solver}.", "",
-        "Sanity checks: " + ("; ".join(warnings) if warnings else "none triggered (PGD-40 <= PGD-20, "
-                             "accuracy falls with eps and reaches the majority-class rate at eps = 0.5)."), "",
-        "Latent space (penultimate layer, PGD-20 points): fraction of adversarial features whose nearest other "
-        "clean feature has the same label: " + (", ".join(f"{v['method']} {100 * v['adv_nn_agreement']:.1f}%"
-                                                          for v in latent.values()) or "not computed") + ".", "",
-        f"Wall time: {wall:.0f} s ({jobs} parallel job(s), {os.cpu_count()} CPUs).",
-        "", "![eps sweep](eps_sweep.png)", "", "![latent](latent_tsne.png)" if args.latent_n > 0 else "",
-    ]) + "\n"
+    md = (
+        "\n".join(
+            [
+                "# TRADES vs GOT-TRADES-LM on sklearn digits (8x8)",
+                "",
+                f"Test accuracy (%) on {first['n']} test digits; L-inf eps = {first['epsilon']:g} "
+                f"(PGD step {first['pgd_step_size']:g}, random start); AutoAttack = standard L-inf "
+                f"(APGD-CE, APGD-T, FAB-T, Square; pyautoattack) on the first {args.aa_n} test points.",
+                "",
+                table,
+                "",
+                f"Training: {cfg['epochs']} epochs, batch {cfg['batch_size']}, SGD lr {cfg['lr']} (x0.1 at epochs "
+                f"{cfg['lr_schedule']}), TRADES alpha={cfg['beta_trades']}, {cfg['num_steps']}-step KL attack of step "
+                f"{cfg['step_size']:g}, seed {cfg['seed']}; GOT-LM: beta={args.got_beta}, theta={cfg['got_theta']}, "
+                f"lam={cfg['got_lam']}, layer `{cfg['got_layer']}`, solver {args.got_solver}.",
+                "",
+                "Sanity checks: "
+                + (
+                    "; ".join(warnings)
+                    if warnings
+                    else "none triggered (PGD-40 <= PGD-20, "
+                    "accuracy falls with eps and reaches the majority-class rate at eps = 0.5)."
+                ),
+                "",
+                "Latent space (penultimate layer, PGD-20 points): fraction of adversarial features whose nearest other "
+                "clean feature has the same label: "
+                + (
+                    ", ".join(f"{v['method']} {100 * v['adv_nn_agreement']:.1f}%" for v in latent.values())
+                    or "not computed"
+                )
+                + ".",
+                "",
+                f"Wall time: {wall:.0f} s ({jobs} parallel job(s), {os.cpu_count()} CPUs).",
+                "",
+                "![eps sweep](eps_sweep.png)",
+                "",
+                "![latent](latent_tsne.png)" if args.latent_n > 0 else "",
+            ]
+        )
+        + "\n"
+    )
     atomic_write_bytes(out / "summary.md", md.encode())
-    summary = {"table": table, "evals": evals, "latent": latent, "wall_time_s": round(wall, 1), "jobs": jobs,
-               "got_beta": args.got_beta, "warnings": warnings}
+    summary = {
+        "table": table,
+        "evals": evals,
+        "latent": latent,
+        "wall_time_s": round(wall, 1),
+        "jobs": jobs,
+        "got_beta": args.got_beta,
+        "warnings": warnings,
+    }
     write_json(out / "summary.json", summary)
     print(table)
     if warnings:

@@ -17,9 +17,11 @@ TRADES checkpoints load into ``smallcnn`` (its named keys are mapped to the indi
 ``resnet18`` and ``wrn34-10`` (with ``strict=False``: TRADES registers an unused ``sub_block1``
 that is left out here, see ``WideResNet``).
 """
+
 from __future__ import annotations
 
 import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -37,13 +39,17 @@ class DigitsNet(nn.Module):
     def __init__(self, num_classes: int = 10, in_channels: int = 1, image_size: int = 8) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 16, 3, padding=1), nn.ReLU(),   # 0, 1
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),            # 2, 3
-            nn.MaxPool2d(2, 2), nn.Flatten(),                      # 4, 5
+            nn.Conv2d(in_channels, 16, 3, padding=1),
+            nn.ReLU(),  # 0, 1
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),  # 2, 3
+            nn.MaxPool2d(2, 2),
+            nn.Flatten(),  # 4, 5
         )
         self.classifier = nn.Sequential(
-            nn.Linear(32 * (image_size // 2) ** 2, 128), nn.ReLU(),  # 0, 1
-            nn.Linear(128, num_classes),                              # 2
+            nn.Linear(32 * (image_size // 2) ** 2, 128),
+            nn.ReLU(),  # 0, 1
+            nn.Linear(128, num_classes),  # 2
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -52,8 +58,18 @@ class DigitsNet(nn.Module):
 
 # TRADES' SmallCNN names its layers; here they are indexed ("classifier.4") like any nn.Sequential.
 _SMALLCNN_TRADES_NAMES = {
-    "feature_extractor": ["conv1", "relu1", "conv2", "relu2", "maxpool1", "conv3", "relu3", "conv4", "relu4",
-                          "maxpool2"],
+    "feature_extractor": [
+        "conv1",
+        "relu1",
+        "conv2",
+        "relu2",
+        "maxpool1",
+        "conv3",
+        "relu3",
+        "conv4",
+        "relu4",
+        "maxpool2",
+    ],
     "classifier": ["fc1", "relu1", "drop", "fc2", "relu2", "fc3"],
 }
 
@@ -86,17 +102,23 @@ class SmallCNN(nn.Module):
         self.num_channels = in_channels
         self.num_labels = num_classes
         self.feature_extractor = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 3), nn.ReLU(),
-            nn.Conv2d(32, 32, 3), nn.ReLU(),
+            nn.Conv2d(in_channels, 32, 3),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3),
+            nn.ReLU(),
             nn.MaxPool2d(2, 2),
-            nn.Conv2d(32, 64, 3), nn.ReLU(),
-            nn.Conv2d(64, 64, 3), nn.ReLU(),
+            nn.Conv2d(32, 64, 3),
+            nn.ReLU(),
+            nn.Conv2d(64, 64, 3),
+            nn.ReLU(),
             nn.MaxPool2d(2, 2),
         )
         self.classifier = nn.Sequential(
-            nn.Linear(64 * 4 * 4, 200), nn.ReLU(),
+            nn.Linear(64 * 4 * 4, 200),
+            nn.ReLU(),
             nn.Dropout(drop),
-            nn.Linear(200, 200), nn.ReLU(),
+            nn.Linear(200, 200),
+            nn.ReLU(),
             nn.Linear(200, num_classes),
         )
         for m in self.modules():
@@ -185,8 +207,9 @@ class WideBasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_planes, out_planes, 3, stride=1, padding=1, bias=False)
         self.droprate = drop_rate
         self.equalInOut = in_planes == out_planes
-        self.convShortcut = None if self.equalInOut else nn.Conv2d(
-            in_planes, out_planes, 1, stride=stride, padding=0, bias=False)
+        self.convShortcut = (
+            None if self.equalInOut else nn.Conv2d(in_planes, out_planes, 1, stride=stride, padding=0, bias=False)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.equalInOut:
@@ -204,10 +227,12 @@ class WideBasicBlock(nn.Module):
 class NetworkBlock(nn.Module):
     def __init__(self, nb_layers: int, in_planes: int, out_planes: int, stride: int, drop_rate: float = 0.0) -> None:
         super().__init__()
-        self.layer = nn.Sequential(*[
-            WideBasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, drop_rate)
-            for i in range(nb_layers)
-        ])
+        self.layer = nn.Sequential(
+            *[
+                WideBasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1, drop_rate)
+                for i in range(nb_layers)
+            ]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer(x)
@@ -221,8 +246,14 @@ class WideResNet(nn.Module):
     ``strict=False``).  The global pool and flatten are modules so ``flatten`` can be hooked.
     """
 
-    def __init__(self, depth: int = 34, num_classes: int = 10, widen_factor: int = 10,
-                 drop_rate: float = 0.0, in_channels: int = 3) -> None:
+    def __init__(
+        self,
+        depth: int = 34,
+        num_classes: int = 10,
+        widen_factor: int = 10,
+        drop_rate: float = 0.0,
+        in_channels: int = 3,
+    ) -> None:
         super().__init__()
         channels = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         assert (depth - 4) % 6 == 0, "WideResNet depth must be 6n+4"

@@ -7,40 +7,31 @@ crosses = adversarial.  GOT-LM should pull each adversarial cross into the clust
 dots of its own class; the panel titles give the fraction of adversarial points whose nearest
 *other* clean point (in feature space) has their label, also written to ``<out>.json``.
 
-    python examples/plot_latent.py runs/digits-trades-got_none runs/digits-trades-got_lm --out latent.png
+    python -m examples.plot_latent runs/digits-trades-got_none runs/digits-trades-got_lm --out latent.png
 """
+
 from __future__ import annotations
 
 import argparse
-import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Sequence
 
-import numpy as np
 import torch
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from attacks import eval_mode, pgd_linf  # type: ignore  # noqa: E402
-    from common import num_threads, write_json  # type: ignore  # noqa: E402
-    from evaluate import load_run, load_test_set, method_name  # type: ignore  # noqa: E402
-else:
-    from .attacks import eval_mode, pgd_linf
-    from .common import num_threads, write_json
-    from .evaluate import load_run, load_test_set, method_name
+from got_reg import FeatureCapture
+
+from ._io import write_json
+from ._runner import num_threads, pick_device
+from .attacks import eval_mode, pgd_linf
+from .evaluate import load_run, load_test_set
+from .report import method_name
 
 
 @torch.no_grad()
 def penultimate_features(model: torch.nn.Module, layer: str, x: torch.Tensor) -> torch.Tensor:
-    """Output of ``layer`` for ``x`` (eval mode), flattened to (N, D); the hook is removed after."""
-    captured: List[torch.Tensor] = []
-    handle = model.get_submodule(layer).register_forward_hook(lambda m, i, o: captured.append(o.detach()))
-    try:
-        with eval_mode(model):
-            model(x)
-    finally:
-        handle.remove()
-    return captured[-1].flatten(1)
+    """Output of ``layer`` for ``x`` (eval mode), flattened to (N, D)."""
+    with FeatureCapture(model, layer) as capture, eval_mode(model):
+        return capture.lookup(model(x))
 
 
 def latent_embedding(run_dir: Path, n: int, steps: int, seed: int, device: torch.device):
@@ -57,7 +48,7 @@ def latent_embedding(run_dir: Path, n: int, steps: int, seed: int, device: torch
     score = adversarial_neighbour_agreement(z_clean, z_adv, y)
     z = torch.cat([z_clean, z_adv]).cpu().numpy()
     emb = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(z) - 1) / 3), random_state=seed).fit_transform(z)
-    return emb[:len(x)], emb[len(x):], y.cpu().numpy(), method_name(cfg), score
+    return emb[: len(x)], emb[len(x) :], y.cpu().numpy(), method_name(cfg), score
 
 
 def adversarial_neighbour_agreement(z_clean: torch.Tensor, z_adv: torch.Tensor, y: torch.Tensor) -> float:
@@ -75,9 +66,16 @@ def adversarial_neighbour_agreement(z_clean: torch.Tensor, z_adv: torch.Tensor, 
     return (y[nearest] == y).double().mean().item()
 
 
-def plot_latent(run_dirs: Sequence[Path], out: Path, n: int = 300, steps: int = 20, seed: int = 0,
-                labels: Optional[Sequence[str]] = None, device: Optional[torch.device] = None,
-                threads: Optional[int] = 1) -> Path:
+def plot_latent(
+    run_dirs: Sequence[Path],
+    out: Path,
+    n: int = 300,
+    steps: int = 20,
+    seed: int = 0,
+    labels: Sequence[str] | None = None,
+    device: torch.device | None = None,
+    threads: int | None = 1,
+) -> Path:
     """Side-by-side t-SNE panels, one per run.
 
     ``threads`` caps torch and the OpenMP/BLAS pools (threadpoolctl) for the duration: t-SNE on a
@@ -91,31 +89,22 @@ def plot_latent(run_dirs: Sequence[Path], out: Path, n: int = 300, steps: int = 
 
 
 def _plot_latent(run_dirs, out, n, steps, seed, labels, device) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     device = device or torch.device("cpu")
-    fig, axes = plt.subplots(1, len(run_dirs), figsize=(4.2 * len(run_dirs), 4.2), squeeze=False)
-    cmap = plt.get_cmap("tab10")
-    scores = {}
+    panels, scores = [], {}
     for i, run in enumerate(run_dirs):
         clean, adv, y, name, score = latent_embedding(Path(run), n, steps, seed, device)
         scores[str(run)] = {"method": name, "adv_nn_agreement": score, "n": len(y), "pgd_steps": steps}
-        title = f"{labels[i] if labels else name} (adv-NN agreement {100 * score:.0f}%)"
-        ax = axes[0, i]
-        colours = cmap(y % 10)
-        ax.scatter(clean[:, 0], clean[:, 1], c=colours, s=8, marker="o", alpha=0.7, linewidths=0)
-        ax.scatter(adv[:, 0], adv[:, 1], c=colours, s=14, marker="x", alpha=0.8, linewidths=0.8)
-        ax.set_title(title, fontsize=10)
-        ax.set_xticks([])
-        ax.set_yticks([])
-    handles = [plt.Line2D([], [], ls="", marker="o", color="k", label="clean"),
-               plt.Line2D([], [], ls="", marker="x", color="k", label=f"PGD-{steps}")]
-    fig.legend(handles=handles, loc="lower center", ncol=2, fontsize=8, frameon=False)
-    fig.suptitle("t-SNE of penultimate features (colour = true class)", fontsize=10)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+        panels.append(
+            {
+                "title": f"{labels[i] if labels else name} (adv-NN agreement {100 * score:.0f}%)",
+                "clean": clean,
+                "adv": adv,
+                "y": y,
+            }
+        )
+    fig = latent_figure(panels, steps)
     fig.savefig(out, dpi=120)
     plt.close(fig)
     # The numbers behind the titles, for tables.
@@ -123,9 +112,44 @@ def _plot_latent(run_dirs, out, n, steps, seed, labels, device) -> Path:
     return Path(out)
 
 
-def main(argv: Optional[List[str]] = None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def latent_figure(panels: Sequence[dict], steps: int):
+    """Side-by-side scatter panels (``title``, 2-d ``clean`` / ``adv`` points, labels ``y``); returns the figure.
+
+    Colour = true class, with a key for the classes present; dots = clean, crosses = adversarial.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for ax, panel in zip(axes[0], panels):
+        colours = cmap(panel["y"] % 10)
+        ax.scatter(panel["clean"][:, 0], panel["clean"][:, 1], c=colours, s=8, marker="o", alpha=0.7, linewidths=0)
+        ax.scatter(panel["adv"][:, 0], panel["adv"][:, 1], c=colours, s=14, marker="x", alpha=0.8, linewidths=0.8)
+        ax.set_title(panel["title"], fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    classes = sorted(set(int(c) for panel in panels for c in panel["y"]))
+    handles = [
+        plt.Line2D([], [], ls="", marker="o", color="k", label="clean"),
+        plt.Line2D([], [], ls="", marker="x", color="k", label=f"PGD-{steps}"),
+    ]
+    handles += [plt.Line2D([], [], ls="", marker="s", markersize=7, color=cmap(c % 10), label=str(c)) for c in classes]
+    ncol = len(handles) if len(panels) > 1 else 6  # one row under two or more panels, two under one
+    fig.legend(
+        handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False, handletextpad=0.2, columnspacing=1.0
+    )
+    fig.suptitle("t-SNE of penultimate features (colour = true class)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06 if ncol == len(handles) else 0.12, 1, 1))
+    return fig
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("runs", nargs="+", help="run directories, e.g. a baseline and a GOT run")
     p.add_argument("--labels", nargs="*", default=None)
     p.add_argument("--out", type=str, default="latent_tsne.png")
@@ -137,8 +161,16 @@ def main(argv: Optional[List[str]] = None) -> Path:
     args = p.parse_args(argv)
     if args.labels and len(args.labels) != len(args.runs):
         p.error("--labels needs one label per run")
-    path = plot_latent([Path(r) for r in args.runs], Path(args.out), args.n, args.steps, args.seed,
-                       args.labels, torch.device(args.device), args.threads or None)
+    path = plot_latent(
+        [Path(r) for r in args.runs],
+        Path(args.out),
+        args.n,
+        args.steps,
+        args.seed,
+        args.labels,
+        pick_device(args.device),
+        args.threads or None,
+    )
     print(f"wrote {path}")
     return path
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue #5: the study's evaluation of the MNIST models of scripts/mnist_pilot.sh, in two parts per run:
+# Issue #5: the study's evaluation of the MNIST models of pilot.sh (this folder), in two parts per run:
 #   test10k  clean and PGD-40 (step 0.01, random start) on all 10 000 test points        -> eval-test10k.{json,md}
 #   aa1000   AutoAttack standard (pyautoattack) on the first 1000 test points, with the accuracy after each of
 #            its stages (and clean / PGD-40 on those 1000)                                 -> eval-aa1000.{json,md}
@@ -8,10 +8,10 @@
 # skipped.  Two runs at a time, one thread each; on 2 CPU cores test10k takes about 6 min per pair of runs,
 # aa1000 about 11.
 #
-#     bash scripts/mnist_full_eval.sh [run names...]          # default: the 8 main runs
-#     PARTS=test10k bash scripts/mnist_full_eval.sh ...       # one part only
+#     bash studies/mnist_1epoch/full_eval.sh [run names...]          # default: the 8 main runs
+#     PARTS=test10k bash studies/mnist_1epoch/full_eval.sh ...       # one part only
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-runs/mnist_pilot}
 PARTS=${PARTS:-"test10k aa1000"}
 PY=.venv/bin/python
@@ -27,7 +27,7 @@ full_eval() {  # run
             aa1000)  flags=(--n 1000 --aa-n 1000 --aa-breakdown none) ;;
             *) echo "unknown part $part (test10k, aa1000)" >&2; return 2 ;;
         esac
-        $PY examples/evaluate.py "$OUT/$1" --tag "$part" --step-size 0.01 --pgd-steps 40 --eps-sweep "${flags[@]}" \
+        $PY -m examples.evaluate "$OUT/$1" --tag "$part" --step-size 0.01 --pgd-steps 40 --eps-sweep "${flags[@]}" \
             --threads 1 --quiet > "$OUT/$1.eval-$part.log" 2>&1
     done
 }

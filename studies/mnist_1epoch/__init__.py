@@ -1,0 +1,1 @@
+"""The 1-epoch MNIST study of issue #5 (see README.md here)."""
