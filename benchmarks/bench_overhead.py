@@ -1,218 +1,405 @@
-"""GOT's overhead in a real training step: one TRADES PGD-10 step of the MNIST SmallCNN.
+"""GOT's cost in a real training step: one TRADES PGD-10 step of the MNIST SmallCNN, with and without GOT.
 
-    .venv/bin/python benchmarks/bench_overhead.py --threads 1           # B = 128 and 512
-    .venv/bin/python benchmarks/bench_overhead.py --quick --out /tmp/o  # < 1 minute smoke run
+    python -m benchmarks.bench_overhead --device cuda --out DIR          # B = 128 and 512; under a minute on an H100
+    python -m benchmarks.bench_overhead --threads 1                      # CPU (about 7 minutes)
+    python -m benchmarks.bench_overhead --device cpu --quick --out /tmp/o  # smoke run
 
-The step is TRADES' (attack in eval mode from x + 0.001·randn maximising KL, 10 sign steps of 0.01
-within ε = 0.3; then train mode, CE(clean) + 6·KL(adv‖clean), backward, SGD step), with and without
-the GOT line (β = 10, θ = 0.1, layer classifier.4). The network is first trained briefly on clean MNIST
-(``--pretrain-steps``, Adam) so that its features, and so the transport problem, look like those of a
-real run (an untrained network maps every input to nearly the same features, which Sinkhorn solves in
-a handful of iterations); the timed steps then use lr = 0 on MNIST test images. Without the MNIST files
-(``--data-dir``) random 28×28 inputs are used, and the output says so.
+The step is TRADES' (examples.attacks.trades_kl_attack: eval mode, start x + 0.001·N(0, I), 10 signed
+steps of 0.01 on KL within ε = 0.3; then train mode, CE(clean) + 6·KL(adv ‖ clean), backward, SGD step)
+on examples.models' SmallCNN, without GOT and with each variant's line ``loss += got(logits, logits_adv, y)``
+(β = 10, θ = 0.1, layer classifier.4, every other option at its default):
 
-Variants run interleaved in one process (A B C … A B C …). The overhead is the median over rounds of
-(variant step / plain step of the same round) − 1, with the interquartile range of those ratios: pairing
-within a round cancels the drift of a shared machine. The time of the got(...) call itself (cost +
-solve, forward only) is taken inside each step as well (the extra backward through the cost matrix is
-not in it).
+  +GOT-S            GOTRegularizer(model, layer)                          (Sinkhorn, default backend)
+  +GOT-LM           ... label_matching=True
+  +GOT-LM dual      ... label_matching=True, solver="dual"
+  +GOT-S geomloss   ... backend="geomloss"                                 ('not installed' without GeomLoss)
+  +GOT-S pot        ... backend="pot"                                      (not run unless asked for)
+
+The network is first trained briefly on clean data (--pretrain-steps Adam steps at B = 128), so that its
+features, and so the transport problems, look like those of a real run; the timed steps then use lr = 0 (all
+the work, the same weights for every variant). Data: MNIST test images from --data-dir (default
+../shared/data/mnist), or random 28×28 inputs when the files are missing (the table says which).
+
+Each variant runs on its own copy of the network (so only its own hooks are on it), interleaved with the
+others (A B C … A B C …); the overhead is the median over rounds of (variant step / TRADES step of the same
+round) − 1, with the interquartile range of those ratios: pairing within a round cancels the drift of a
+shared machine. Steps are timed from an idle device with CUDA events (GPU) or perf_counter (CPU).
+
+The got(...) call itself is timed two ways: 'fwd in step' = events around the got(...) line inside the
+timed steps (forward only); 'fwd+bwd alone' = the same regulariser configuration called on features and
+logits of a real step held as leaves (a stand-in module files them through the same hooks), timed from
+just before got(...) to just after loss.backward(), i.e. the forward and GOT's share of the backward,
+including its one host read. Its share of the TRADES step is the issue-12 target (≤ 3% on a GPU, ≤ 2% on
+CPU).
+
+Host synchronisations (CUDA only, else 'n/a'): one step per variant, and one isolated got(...) call with
+its backward, run under torch.cuda.set_sync_debug_mode("warn"); every synchronising call warns and is
+counted (the mode is restored afterwards). The table names the lines that synchronise most.
 """
+
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
+import copy
 import sys
-import time
+import traceback
 import warnings
-from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from _common import load, machine, set_threads, sync  # noqa: E402
+from benchmarks._common import (
+    Deadline,
+    Span,
+    SyncCount,
+    describe,
+    environment,
+    fmt,
+    load,
+    md_table,
+    median,
+    mnist_or_random,
+    pretrain,
+    quartiles,
+    set_threads,
+    smallcnn,
+    sync,
+    time_once,
+    write_outputs,
+)
+from examples.attacks import trades_kl_attack
+from got_reg import FeatureCapture, GOTCollapseWarning, GOTConvergenceWarning, GOTRegularizer
 
-from got_reg import GOTConvergenceWarning, GOTRegularizer  # noqa: E402
-
-VARIANTS = {
+BETA, THETA = 10.0, 0.1
+EPSILON, STEP_SIZE, STEPS, TRADES_BETA = 0.3, 0.01, 10, 6.0
+VARIANTS: dict[str, dict[str, Any] | None] = {
     "TRADES": None,
-    "+GOT-S torch": dict(solver="sinkhorn", backend="torch"),
-    "+GOT-LM torch": dict(solver="sinkhorn", backend="torch", label_matching=True),
-    "+GOT-S pot": dict(solver="sinkhorn", backend="pot"),
-    "+GOT-S geomloss": dict(solver="sinkhorn", backend="geomloss"),
-    "+GOT-S dual": dict(solver="dual"),
+    "+GOT-S": dict(),
+    "+GOT-LM": dict(label_matching=True),
+    "+GOT-LM dual": dict(label_matching=True, solver="dual"),
+    "+GOT-S geomloss": dict(backend="geomloss"),
+    "+GOT-S pot": dict(backend="pot"),
 }
+DEFAULT_VARIANTS = ["TRADES", "+GOT-S", "+GOT-LM", "+GOT-LM dual", "+GOT-S geomloss"]
+NEEDS = {"+GOT-S geomloss": "geomloss", "+GOT-S pot": "ot"}
 
 
-def get_model(device):
-    """examples.models' SmallCNN (TRADES' MNIST network) if present, else a local copy of it."""
+class Replay(nn.Module):
+    """Stands in for the network in the isolated got() timing: ``forward(z, logits)`` passes the features
+    through ``feat`` (so the regulariser's hooks file them) and returns a view of the logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.feat = nn.Identity()
+
+    def forward(self, z: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        self.feat(z)
+        return logits.view_as(logits)
+
+
+def missing(variant: str) -> str | None:
+    module = NEEDS.get(variant)
+    if module is None:
+        return None
     try:
-        from examples.models import build_model, default_layer
-
-        return build_model("smallcnn", 10, in_channels=1, image_size=28).to(device), default_layer("smallcnn")
-    except ImportError:
-        from torch import nn
-
-        feat = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(), nn.MaxPool2d(2),
-                             nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.MaxPool2d(2))
-        cls = nn.Sequential(nn.Linear(64 * 4 * 4, 200), nn.ReLU(), nn.Dropout(0.5), nn.Linear(200, 200), nn.ReLU(),
-                            nn.Linear(200, 10))
-        return nn.Sequential(feat, nn.Flatten(), cls).to(device), "2.4"
+        __import__(module)
+    except Exception:
+        return module
+    return None
 
 
-def trades_attack(model, x, epsilon=0.3, step_size=0.01, steps=10):
-    try:
-        from examples.attacks import trades_kl_attack
+class Runner:
+    """One batch size: a network copy, optimiser and regulariser per variant, and the step they share."""
 
-        return trades_kl_attack(model, x, epsilon, step_size, steps)
-    except ImportError:
-        was = model.training
-        model.eval()
-        with torch.no_grad():
-            p = F.softmax(model(x), 1)
-        xa = x + 0.001 * torch.randn_like(x)
-        for _ in range(steps):
-            xa.requires_grad_(True)
-            g, = torch.autograd.grad(F.kl_div(F.log_softmax(model(xa), 1), p, reduction="sum"), [xa])
-            xa = torch.min(torch.max(xa.detach() + step_size * g.sign(), x - epsilon), x + epsilon).clamp(0, 1)
-        model.train(was)
-        return xa.detach()
+    def __init__(self, a, model: nn.Module, layer: str, x: torch.Tensor, y: torch.Tensor, device, variants) -> None:
+        self.a, self.device, self.x, self.y, self.layer = a, device, x, y, layer
+        self.variants = variants
+        self.models = {n: copy.deepcopy(model) for n in variants}
+        # lr = 0: every step does all its work, and the weights stay those of the pretrained network.
+        self.opts = {n: torch.optim.SGD(m.parameters(), lr=0.0, momentum=0.9) for n, m in self.models.items()}
+        self.regs = {
+            n: GOTRegularizer(self.models[n], layer, beta=BETA, theta=THETA, **cfg) if cfg is not None else None
+            for n, cfg in ((n, VARIANTS[n]) for n in variants)
+        }
+        self.spans = {n: Span(device) for n in variants}
 
-
-def mnist_or_random(data_dir):
-    """MNIST tensors from the examples' loader, or random images of the same shape when they are missing."""
-    try:
-        from examples.data import load_mnist_tensors
-
-        return "MNIST", load_mnist_tensors(data_dir)
-    except (ImportError, FileNotFoundError) as e:
-        print(f"no MNIST ({e}); timing on random 28×28 inputs", flush=True)
-        g = torch.Generator().manual_seed(0)
-        x, y = torch.rand(2048, 1, 28, 28, generator=g), torch.randint(0, 10, (2048,), generator=g)
-        return "random", (x, y, x, y)
-
-
-def pretrain(model, x, y, steps, device, batch=128):
-    """Clean cross-entropy steps, so that the features separate the classes as in a real run."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    g = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (batch,), generator=g)
-        opt.zero_grad()
-        F.cross_entropy(model(x[idx].to(device)), y[idx].to(device)).backward()
+    def step(self, n: str) -> None:
+        model, opt, got, span = self.models[n], self.opts[n], self.regs[n], self.spans[n]
+        x, y = self.x, self.y
+        model.train()
+        x_adv = trades_kl_attack(model, x, EPSILON, STEP_SIZE, STEPS)
+        opt.zero_grad(set_to_none=True)
+        logits, logits_adv = model(x), model(x_adv)
+        loss = F.cross_entropy(logits, y) + TRADES_BETA * F.kl_div(
+            F.log_softmax(logits_adv, 1), F.softmax(logits, 1), reduction="batchmean"
+        )
+        if got is not None:
+            span.start()
+            loss = loss + got(logits, logits_adv, y)
+            span.stop()
+        loss.backward()
         opt.step()
 
+    def captured(self):
+        """Features and logits of one real step (clean and adversarial), detached."""
+        model = copy.deepcopy(self.models["TRADES"])
+        with FeatureCapture(model, self.layer) as cap:
+            model.train()
+            x_adv = trades_kl_attack(model, self.x, EPSILON, STEP_SIZE, STEPS)
+            with torch.no_grad():
+                lc, la = model(self.x), model(x_adv)
+                zc, za = cap.lookup(lc), cap.lookup(la)
+        return [t.detach() for t in (zc, za, lc, la)]
 
-def quartiles(v):
-    q = statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3
-    return q[0], q[2]
+    def isolated_call(self, n: str, held):
+        """A closure: got(...) + backward for variant ``n`` on the held tensors, timed by the returned Span."""
+        replay = Replay().to(self.device)
+        got = GOTRegularizer(replay, "feat", beta=BETA, theta=THETA, **VARIANTS[n])  # type: ignore[arg-type]
+        leaves = [t.clone().requires_grad_(True) for t in held]
+        span = Span(self.device)
+
+        def call() -> None:
+            for t in leaves:
+                t.grad = None
+            oc, oa = replay(leaves[0], leaves[2]), replay(leaves[1], leaves[3])
+            span.start()
+            got(oc, oa, self.y).backward()
+            span.stop()
+
+        return call, span, got
 
 
-def main(argv=None):
+def run_batch(a, B: int, rounds: int, model, layer, data, device, deadline: Deadline) -> list[dict[str, Any]]:
+    x_all, y_all = data
+    x, y = x_all[:B].to(device), y_all[:B].to(device)
+    absent = {n: missing(n) for n in a.variants}
+    present = [n for n in a.variants if absent[n] is None]
+    r = Runner(a, model, layer, x, y, device, present)
+    failed: dict[str, str] = {}  # a variant that raises is reported and dropped; the others go on
+
+    def guarded(n: str, fn):
+        if n in failed:
+            return None
+        try:
+            return fn()
+        except Exception as e:
+            if n == "TRADES":
+                raise
+            traceback.print_exc()
+            failed[n] = f"error: {type(e).__name__}: {str(e)[:200]}"
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
+
+    for n in present:  # warm-up: lazy dual potential, Triton compilation, allocator, cuDNN autotuning
+        for _ in range(a.warmup):
+            guarded(n, lambda n=n: r.step(n))
+    times: dict[str, list[float]] = {n: [] for n in present}
+    got_fwd: dict[str, list[float]] = {n: [] for n in present}
+    done = 0
+    for _ in range(rounds):
+        if done and deadline.passed():
+            break
+        for n in present:
+            t = guarded(n, lambda n=n: time_once(lambda: r.step(n), device))
+            if t is None:
+                continue
+            times[n].append(t)
+            if r.regs[n] is not None:
+                got_fwd[n].append(r.spans[n].ms())
+        done += 1
+    base = median(times["TRADES"])
+    held = r.captured()
+    rows = []
+    for n in a.variants:
+        row: dict[str, Any] = dict(B=B, variant=n, data=a.data_name, rounds=done)
+        rows.append(row)
+        if absent[n]:
+            row["status"] = f"not installed ({absent[n]})"
+            continue
+        if n not in failed:
+            guarded(n, lambda n=n, row=row: measure_variant(a, r, n, row, times, got_fwd, base, held, device))
+        if n in failed:
+            row.clear()
+            row.update(B=B, variant=n, data=a.data_name, status=failed[n])
+        print(row, flush=True)
+    for got in r.regs.values():
+        if got is not None:
+            got.remove()
+    return rows
+
+
+def measure_variant(a, r: Runner, n: str, row, times, got_fwd, base: float, held, device) -> None:
+    """The row of variant ``n``: paired overhead, host syncs of one step, and the got() call on its own."""
+    ratios = [t / b for t, b in zip(times[n], times["TRADES"], strict=True)]  # paired within each round
+    q1, q3 = quartiles(ratios)
+    row.update(
+        ms=median(times[n]),
+        ms_min=min(times[n]),
+        overhead_pct=100 * (median(ratios) - 1),
+        overhead_q1_pct=100 * (q1 - 1),
+        overhead_q3_pct=100 * (q3 - 1),
+    )
+    with SyncCount(device) as sc:
+        r.step(n)
+    sync(device)
+    row.update(syncs_step=sc.n, syncs_step_where=sc.top())
+    got = r.regs[n]
+    if got is None:
+        return
+    row["got_fwd_in_step_ms"] = median(got_fwd[n])
+    if got.diagnostics is not None and got.config.solver == "sinkhorn":
+        row["iterations"] = int(got.diagnostics.iterations)
+    call, span, _ = r.isolated_call(n, held)
+    for _ in range(a.warmup + 1):
+        call()
+    alone = []
+    for _ in range(max(3, a.got_repeats)):
+        sync(device)
+        call()
+        alone.append(span.ms())
+    row.update(got_call_ms=median(alone), got_call_min_ms=min(alone), got_call_share_pct=100 * median(alone) / base)
+    with SyncCount(device) as sc:
+        call()
+    sync(device)
+    row.update(syncs_got=sc.n, syncs_got_where=sc.top())
+
+
+def render(a, env, rows, elapsed_min: float) -> list[str]:
+    cuda = env["device_type"] == "cuda"
+    target = "≤ 3% on a GPU" if cuda else "≤ 2% on CPU"
+    data = rows[0]["data"] if rows else "?"
+    L = [
+        f"# GOT in a TRADES PGD-10 step (MNIST SmallCNN, β = {BETA:g}, θ = {THETA:g})\n",
+        f"Machine: {describe(env)}; {elapsed_min:.1f} min.\n",
+        f"Network trained for {a.pretrain_steps} clean Adam steps first; timed on {data} with lr = 0; variants "
+        "interleaved, each on its own copy of the network. 'overhead' = median over rounds of (variant step / "
+        "TRADES step of the same round) − 1 [interquartile range]. 'got() fwd in step' = the got(...) line inside "
+        "the timed steps (forward only); 'got() fwd+bwd alone' = got(...) and loss.backward() on the features and "
+        "logits of a real step held as leaves (GOT's forward and its share of the backward), and its share of the "
+        f"median TRADES step (target of issue 12: {target}). "
+        + (
+            "Times: CUDA events from an idle device. Host syncs: counted with "
+            "torch.cuda.set_sync_debug_mode('warn') over one step and over one isolated got() call with its "
+            "backward; 'where' names the lines that synchronise most."
+            if cuda
+            else "Times: perf_counter. Host syncs: n/a on CPU."
+        )
+        + " Iterations: Sinkhorn sweeps of the cross term in the last step.\n",
+    ]
+    body = []
+    for r in rows:
+        if "ms" not in r:
+            body.append([r["B"], r["variant"], r.get("status", "")] + [""] * 10)
+            continue
+        ov = "" if r["variant"] == "TRADES" else f"{r['overhead_pct']:+.1f}%"
+        iqr = "" if r["variant"] == "TRADES" else f"{r['overhead_q1_pct']:+.1f}% … {r['overhead_q3_pct']:+.1f}%"
+        body.append(
+            [
+                r["B"],
+                r["variant"],
+                r["rounds"],
+                fmt(r["ms"], ".4g"),
+                fmt(r["ms_min"], ".4g"),
+                ov,
+                iqr,
+                fmt(r.get("got_fwd_in_step_ms"), ".3g"),
+                fmt(r.get("got_call_ms"), ".3g"),
+                f"{r['got_call_share_pct']:.2f}%" if "got_call_share_pct" in r else "",
+                fmt(r.get("iterations")),
+                fmt(r.get("syncs_step")) if cuda else "n/a",
+                fmt(r.get("syncs_got")) if cuda else "n/a",
+            ]
+        )
+    L += md_table(
+        [
+            "B",
+            "variant",
+            "rounds",
+            "ms / step",
+            "min ms",
+            "overhead",
+            "IQR",
+            "got() fwd in step ms",
+            "got() fwd+bwd alone ms",
+            "share of TRADES step",
+            "iterations",
+            "host syncs / step",
+            "syncs in got() fwd+bwd",
+        ],
+        body,
+    )
+    if cuda:
+        where = [r for r in rows if r.get("syncs_step_where") or r.get("syncs_got_where")]
+        if where:
+            L += ["", "## Where the host synchronisations come from (top 3 lines)\n"]
+            L += md_table(
+                ["B", "variant", "in the step", "in got() fwd+bwd"],
+                [[r["B"], r["variant"], r.get("syncs_step_where", ""), r.get("syncs_got_where", "")] for r in where],
+            )
+    return L
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--batch", type=int, nargs="+", default=[128, 512])
-    p.add_argument("--rounds", type=int, nargs="+", default=[21, 7], help="interleaved rounds per batch size")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--quick", action="store_true", help="B = 16, 2 rounds, 5 pretraining steps: the smoke test")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
-    p.add_argument("--out", default="benchmarks/results/overhead_cpu")
+    p.add_argument("--batch", type=int, nargs="+", default=[128, 512])
+    p.add_argument(
+        "--rounds", type=int, nargs="+", default=None, help="rounds per batch size (default: 31 21 on GPU, 21 7 on CPU)"
+    )
+    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    p.add_argument("--got-repeats", type=int, default=None, help="isolated got() calls (default: 50 GPU, 10 CPU)")
     p.add_argument("--data-dir", default=None, help="MNIST idx files (default: ../shared/data/mnist)")
     p.add_argument("--pretrain-steps", type=int, default=300, help="clean Adam steps (B = 128) before timing")
+    p.add_argument("--time-limit", type=float, default=0, help="seconds; no new round or batch size after (0: none)")
+    p.add_argument("--out", default="benchmarks/results", help="folder for NAME.md and NAME.json")
+    p.add_argument("--name", default=None, help="file name (default: overhead_gpu / overhead_cpu, _quick with --quick)")
     a = p.parse_args(argv)
+    device = torch.device(a.device)
+    gpu = device.type == "cuda"
+    if gpu and not torch.cuda.is_available():
+        print("--device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
     if a.quick:
-        a.batch, a.rounds, a.threads, a.pretrain_steps = [16], [1], a.threads or 1, 5
-        a.variants = ["TRADES", "+GOT-S torch", "+GOT-S dual"]
+        a.batch, a.rounds, a.pretrain_steps, a.warmup = [16], [2], 5, 1
+        a.got_repeats = a.got_repeats or 3
+        a.threads = a.threads or 1
+    a.rounds = a.rounds or ([31, 21] if gpu else [21, 7])
+    a.got_repeats = a.got_repeats or (50 if gpu else 10)
     if "TRADES" not in a.variants:
         a.variants.insert(0, "TRADES")
+    name = a.name or ("overhead_gpu" if gpu else "overhead_cpu") + ("_quick" if a.quick else "")
     set_threads(a.threads)
     warnings.simplefilter("ignore", GOTConvergenceWarning)
-    warnings.filterwarnings("ignore", message="Sinkhorn did not converge")
-    device = torch.device(a.device)
-    load_before, t0 = load(), time.time()
-    data_name, (x_train, y_train, x_test, y_test) = mnist_or_random(a.data_dir)
+    warnings.simplefilter("ignore", GOTCollapseWarning)
+    deadline = Deadline(a.time_limit)
+    env = environment(device)
+    print(describe(env), flush=True)
+    a.data_name, (x_train, y_train, x_test, y_test) = mnist_or_random(a.data_dir)
     torch.manual_seed(0)
-    model, layer = get_model(device)
+    model, layer = smallcnn(device)
     pretrain(model, x_train, y_train, a.pretrain_steps, device)
-    results = []
-    for B, rounds in zip(a.batch, a.rounds + a.rounds[-1:] * len(a.batch)):
-        # lr = 0: the step does all its work but the weights stay put, so every variant times the same model.
-        opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)
-        x, y = x_test[:B].to(device), y_test[:B].to(device)
-        regs = {n: GOTRegularizer(model, layer, **VARIANTS[n]) if VARIANTS[n] else None for n in a.variants}
-
-        def step(got):
-            model.train()
-            x_adv = trades_attack(model, x)
-            opt.zero_grad()
-            lc, la = model(x), model(x_adv)
-            loss = F.cross_entropy(lc, y) + 6.0 * F.kl_div(F.log_softmax(la, 1), F.softmax(lc, 1), reduction="batchmean")
-            t_got = 0.0
-            if got is not None:
-                sync(device)
-                t = time.perf_counter()
-                loss = loss + got(lc, la, y)
-                sync(device)
-                t_got = time.perf_counter() - t
-            loss.backward()
-            opt.step()
-            return t_got
-
-        times = {n: [] for n in a.variants}
-        got_times = {n: [] for n in a.variants}
-        iters = {n: [] for n in a.variants}
-        for n, g in regs.items():  # warm-up (lazy dual potential, allocator)
-            step(g)
-        for _ in range(rounds):
-            for n, g in regs.items():
-                sync(device)
-                t = time.perf_counter()
-                got_times[n].append(step(g))
-                sync(device)
-                times[n].append(time.perf_counter() - t)
-                if g is not None:
-                    iters[n].append(g.diagnostics.get("iterations"))
-        base = statistics.median(times["TRADES"])
-        for n in a.variants:
-            ratios = [t / b for t, b in zip(times[n], times["TRADES"])]  # paired within each round
-            q1, q3 = quartiles(ratios)
-            gt = statistics.median(got_times[n])
-            results.append(dict(B=B, variant=n, rounds=rounds, data=data_name, ms=1e3 * statistics.median(times[n]),
-                                ms_min=1e3 * min(times[n]), overhead_pct=100 * (statistics.median(ratios) - 1),
-                                overhead_q1_pct=100 * (q1 - 1), overhead_q3_pct=100 * (q3 - 1), got_call_ms=1e3 * gt,
-                                got_call_pct=100 * gt / base, iterations=statistics.median(iters[n]) if iters[n] else None))
-            print(json.dumps(results[-1]), flush=True)
-        for g in regs.values():
-            if g is not None:
-                g.remove()
-        write(a, results, load_before, t0)  # after every batch size: a long run leaves its results early
-
-
-def write(a, results, load_before, t0):
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(machine=machine(), load_before=load_before, load_after=load(), minutes=(time.time() - t0) / 60)
-    out.with_suffix(".json").write_text(json.dumps({"env": env, "machine": env["machine"], "rows": results}, indent=1))
-    lines = [f"# GOT overhead in a TRADES PGD-10 step (SmallCNN, 28×28, β = 10, θ = 0.1)\n",
-             f"Machine: {env['machine']}; {env['load_before']} at the start, {env['load_after']} at the end "
-             f"(shared machine), {env['minutes']:.0f} min. Network trained for {a.pretrain_steps} clean steps first; "
-             f"timed on {results[0]['data'] if results else '?'} batches with lr = 0. Variants interleaved. "
-             f"'overhead' = median over rounds of (variant step / plain TRADES step of the same round) − 1, with "
-             f"the interquartile range of those ratios; 'got() call' = median time of the "
-             f"got(logits_clean, logits_adv, y) line itself (cost + solve, forward) as a share of the TRADES step.\n",
-             "| B | variant | rounds | ms / step (median) | min ms | overhead | IQR | got() call ms | got() call share | iterations |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['B']} | {r['variant']} | {r['rounds']} | {r['ms']:.1f} | {r['ms_min']:.1f} | {r['overhead_pct']:+.1f}% | "
-              f"{r['overhead_q1_pct']:+.1f}% … {r['overhead_q3_pct']:+.1f}% | "
-              f"{r['got_call_ms']:.1f} | {r['got_call_pct']:.2f}% | {r['iterations'] if r['iterations'] is not None else ''} |"
-              for r in results]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print(out.with_suffix(".md").read_text())
+    rows: list[dict[str, Any]] = []
+    for B, rounds in zip(a.batch, a.rounds + a.rounds[-1:] * len(a.batch), strict=False):
+        if rows and deadline.passed():
+            rows += [dict(B=B, variant=n, status=f"skipped (--time-limit {a.time_limit:g} s)") for n in a.variants]
+            continue
+        rows += run_batch(a, B, rounds, model, layer, (x_test, y_test), device, deadline)
+        env["load_end"] = load()
+        md = render(a, env, rows, deadline.elapsed() / 60)
+        path = write_outputs(a.out, name, md, dict(env=env, args=vars(a), rows=rows))
+        print(f"wrote {path}", flush=True)
+    env["load_end"] = load()
+    md = render(a, env, rows, deadline.elapsed() / 60)
+    write_outputs(a.out, name, md, dict(env=env, args=vars(a), rows=rows))
+    print("\n".join(md))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

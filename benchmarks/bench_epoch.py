@@ -1,0 +1,132 @@
+"""Issue 12, target 4: the training time of an MNIST epoch with GOT-LM against TRADES, alone on the device
+and with 4 runs sharing it (2 TRADES + 2 GOT-LM), through the real training script (examples.train_trades).
+
+    python -m benchmarks.bench_epoch --device cuda --data-dir DIR --out OUTDIR [--train-subset N] [--quick]
+
+Each run is ``python -m examples.train_trades --dataset mnist --epochs 1`` with the 10-step attack of step
+0.04; its ``train_time_s`` (the training loop alone, without the per-epoch test) is read back from
+``metrics.jsonl``. ``--train-subset`` shortens the epoch (the ratio is what the target is about). Writes
+``epoch_<gpu|cpu>.md`` / ``.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+def launch(name: str, got: str, a: argparse.Namespace, root: Path) -> subprocess.Popen:
+    cmd = [
+        sys.executable,
+        "-m",
+        "examples.train_trades",
+        "--dataset",
+        "mnist",
+        "--epochs",
+        "1",
+        "--num-steps",
+        "10",
+        "--step-size",
+        "0.04",
+        "--test-subset",
+        "200",
+        "--eval-pgd-steps",
+        "1",
+        "--device",
+        a.device,
+        "--got",
+        got,
+        "--out",
+        str(root / name),
+        "--overwrite",
+        "--quiet",
+        "--no-deterministic",
+        "--train-subset",
+        str(a.train_subset),
+        "--threads",
+        "1",
+    ]
+    if a.data_dir:
+        cmd += ["--data-dir", a.data_dir]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(name: str, p: subprocess.Popen, root: Path) -> float:
+    out, _ = p.communicate()
+    if p.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{out[-2000:]}")
+    rows = [json.loads(line) for line in (root / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return float(rows[-1]["train_time_s"])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--train-subset", type=int, default=60000, help="training points per epoch (all: 60000)")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--reps", type=int, default=2, help="runs of each method alone")
+    p.add_argument("--quick", action="store_true", help="512 points per epoch (smoke test)")
+    a = p.parse_args()
+    if a.quick:
+        a.train_subset = 512
+    kind = "cpu" if a.device == "cpu" else "gpu"
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        # Alone: one run at a time, TRADES then GOT-LM, --reps times each.
+        for rep in range(a.reps):
+            for got in ("none", "lm"):
+                t = finish(f"solo-{got}-{rep}", launch(f"solo-{got}-{rep}", got, a, root), root)
+                rows.append(
+                    {"setting": "alone", "method": "TRADES" if got == "none" else "GOT-LM", "rep": rep, "train_s": t}
+                )
+                print(rows[-1], flush=True)
+        # Shared: 2 TRADES + 2 GOT-LM at once.
+        procs = {
+            f"shared-{got}-{i}": launch(f"shared-{got}-{i}", got, a, root) for got in ("none", "lm") for i in range(2)
+        }
+        for name, proc in procs.items():
+            rows.append(
+                {
+                    "setting": "4 runs sharing",
+                    "method": "TRADES" if "-none-" in name else "GOT-LM",
+                    "rep": int(name[-1]),
+                    "train_s": finish(name, proc, root),
+                }
+            )
+            print(rows[-1], flush=True)
+
+    def best(setting: str, method: str) -> float:
+        return min(r["train_s"] for r in rows if r["setting"] == setting and r["method"] == method)
+
+    lines = [
+        f"# One MNIST epoch ({a.train_subset} training points) of examples.train_trades on {a.device}",
+        "",
+        "| setting | TRADES s | GOT-LM s | GOT-LM / TRADES | target |",
+        "|---|---|---|---|---|",
+    ]
+    summary = {}
+    for setting, target in (("alone", 1.05), ("4 runs sharing", 1.15)):
+        t, g = best(setting, "TRADES"), best(setting, "GOT-LM")
+        summary[setting] = {"trades_s": t, "got_s": g, "ratio": g / t, "target": target}
+        verdict = "met" if g / t <= target else "missed"
+        lines.append(f"| {setting} | {t:.1f} | {g:.1f} | {g / t:.3f} | ≤ {target:.2f}: {verdict} |")
+    lines += [
+        "",
+        "Times: the training loop of the epoch (`train_time_s`), the faster of the repeats alone and the",
+        "faster of the two runs of each method when shared. GOT-LM uses the library's defaults.",
+    ]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"epoch_{kind}.md").write_text("\n".join(lines) + "\n")
+    (out / f"epoch_{kind}.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=2) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
