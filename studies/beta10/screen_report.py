@@ -66,6 +66,49 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     (a.folder / "summary.md").write_text(text)
     print(text)
+    plot(runs, a.folder / "curves.png")
+
+
+# The runs drawn in curves.png: (run, label, colour, line style).
+CURVES = [
+    ("trades-s0", "TRADES", "black", "-"),
+    ("trades-s1", None, "black", "-"),
+    ("b3-anchor-debias-s0", "defaults (β 3, anchor, debias)", "tab:blue", "-"),
+    ("b3-anchor-debias-s1", None, "tab:blue", "-"),
+    ("b10-anchor-debias-s0", "β 10, anchor, debias", "tab:green", "--"),
+    ("b10-dual-anchor-debias-s0", "β 10, anchor, debias, dual", "tab:olive", "--"),
+    ("b10-debias-s0", "β 10, debias only", "tab:purple", ":"),
+    ("b10-anchor-s0", "β 10, anchor only", "tab:orange", ":"),
+    ("b10-paper-s0", "β 10, paper form", "tab:red", "-."),
+    ("b1-paper-s0", "β 1, paper form", "tab:pink", "-."),
+]
+
+
+def plot(runs: dict[str, list[dict]], path: Path) -> None:
+    """Test clean and PGD-10 accuracy against training step for the main variants (two seeds where run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    for name, label, colour, style in CURVES:
+        ev = [r for r in runs.get(name, []) if "test_clean" in r]
+        if not ev:
+            continue
+        steps = [r["step"] for r in ev]
+        for ax, key in zip(axes, ("test_clean", "test_pgd10")):
+            ax.plot(steps, [100 * r[key] for r in ev], style, color=colour, marker="o", ms=3, label=label)
+    for ax, title in zip(axes, ("clean (first 1000 test points)", "PGD-10 (first 500 test points)")):
+        ax.set_title(title)
+        ax.set_xlabel("training step (batch 128; 469 steps = 1 epoch)")
+        ax.set_ylabel("accuracy (%)")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7, loc="upper left")
+    fig.suptitle("MNIST SmallCNN, TRADES + GOT-LM variants (H200 screen, seeds 0 and 1 where two lines)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
