@@ -23,6 +23,7 @@ KEEP = (
     "eval-test10k.json",
     "eval-aa1000.json",
     "eval-sanity.json",
+    "eval-sweep500.json",
     "model_final.pt",
 )
 METHODS = {  # run-name prefix -> method label, in table order
@@ -90,7 +91,7 @@ def sanity_lines(name: str, r: dict[str, Any]) -> list[str]:
     s = r["sanity"]
     if not s:
         return []
-    sweep = {round(p["epsilon"], 3): p["acc"] for p in s.get("eps_sweep", [])}
+    sweep = {round(p["eps"], 3): p["acc"] for p in s.get("eps_sweep", [])}
     aa = s.get("autoattack", {})
     square = aa.get("alone", {}).get("square")
     white = aa.get("robust_acc")
@@ -200,6 +201,7 @@ def plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.set_ylabel("accuracy (%)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=7, loc="lower right")
     fig.suptitle("MNIST SmallCNN, 10-step attack: mean over seeds, band = min..max")
