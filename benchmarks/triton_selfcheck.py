@@ -366,16 +366,13 @@ def aot(T, arch=90, quick=False):
     for n, m, warps in AOT_QUICK_FUSED if quick else AOT_FUSED:
         cfg = T.fused_config(n, m)
         bn, bm = cfg["BN"], cfg["BM"]
-        work = torch.empty(2 * bn + bm)
         args = dict(
-            C=torch.empty(bn, bm),
+            C=torch.empty(3, bn, bm),  # the debiased loss' stack of three problems
             n=n,
             m=m,
-            U=work[:n],
-            V=work[bn : bn + m],
-            SCR=work[bn + bm :],
-            IT=torch.empty((), dtype=torch.int32),
-            ERR=torch.empty(()),
+            WORK=torch.empty(3, 2 * bn + bm),
+            IT=torch.empty(3, dtype=torch.int32),
+            ERR=torch.empty(3),
             theta=0.1,
             s=-10.0,
             max_iter=1000,

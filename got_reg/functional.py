@@ -42,6 +42,7 @@ from ._checks import (
 from .costs import JointCost, PairwiseCost
 from .diagnostics import GOTDiagnostics
 from .solvers import KantorovichPotential, OTResult, SinkhornBackend, get_backend, semidual, with_grad
+from .solvers.result import envelope
 from .solvers.sinkhorn import warn_unconverged
 
 SOLVERS = ("sinkhorn", "dual")
@@ -233,6 +234,16 @@ def got_loss(
     return loss
 
 
+def with_grad_self_terms(both: torch.Tensor, xx: OTResult, yy: OTResult) -> torch.Tensor:
+    """W_θ(μ, μ) + W_θ(ν, ν) as a function of the stacked cost [[C(x,x), C(x,y)], [C(y,x), C(y,y)]] (2B × 2B),
+    with the envelope gradient: each self-term's plan on its diagonal block, 0 elsewhere."""
+    B = xx.plan.shape[0]
+    grad = both.new_zeros(both.shape)
+    grad[:B, :B] = xx.plan
+    grad[B:, B:] = yy.plan
+    return envelope(both, xx.value + yy.value, grad)
+
+
 def raise_non_finite(named: dict[str, torch.Tensor], potential: KantorovichPotential | None = None) -> None:
     """Raise FloatingPointError naming the first non-finite input, or the diverged dual potential (reset)."""
     for name, t in named.items():
@@ -298,15 +309,36 @@ def got_forward(
         z, logits = z.detach(), logits.detach()
     elif cfg.anchor == "features":
         z = z.detach()
-    cost = cfg.cost(z, z_adv, logits, logits_adv)
+    B = z.shape[0]
+    if cfg.debias:
+        # One cost over the stacked batches: its blocks are C(x, y), C(x, x) and C(y, y), in one product
+        # and, backward, one gradient (a launch-bound GPU step pays per kernel, not per entry).
+        zs, ls = torch.cat([z, z_adv]), torch.cat([logits, logits_adv])
+        both = cfg.cost(zs, zs, ls, ls)
+        cost, xx, yy = both[:B, B:], both[:B, :B], both[B:, B:]
+    else:
+        cost = cfg.cost(z, z_adv, logits, logits_adv)
     same = label_mask(y) if y is not None else None
     mask = same if cfg.label_matching else None
+    self_terms: tuple[OTResult, ...] = ()
     if cfg.solver == "sinkhorn":
-        res = cfg.sinkhorn.solve(cost.detach(), cfg.theta, mask, max_iter=cfg.max_iter, tol=cfg.tol)
+        if cfg.debias:
+            res, *rest = cfg.sinkhorn.solve_many(
+                torch.stack([cost, xx, yy]).detach(), cfg.theta, mask, max_iter=cfg.max_iter, tol=cfg.tol
+            )
+            self_terms = tuple(rest)
+        else:
+            res = cfg.sinkhorn.solve(cost.detach(), cfg.theta, mask, max_iter=cfg.max_iter, tol=cfg.tol)
         value = with_grad(cost, res)
     else:
         if potential is None:
             raise ValueError("solver='dual' needs potential=KantorovichPotential(...) (GOTRegularizer keeps one)")
+        if cfg.debias:
+            self_terms = tuple(
+                cfg.sinkhorn.solve_many(
+                    torch.stack([xx, yy]).detach(), cfg.theta, mask, max_iter=cfg.max_iter, tol=cfg.tol
+                )
+            )
         # Like the cost, φ(e) = e·w and its step run in the cost's dtype outside autocast (in bf16 under the
         # user's autocast, the semi-dual would be computed in bf16 and the step's gradient refused by Adam).
         with torch.autocast(device_type=cost.device.type, enabled=False):
@@ -320,15 +352,8 @@ def got_forward(
             if update_potential:
                 potential.step(e, res.plan)
     w_xy = value.detach()
-    self_terms: tuple[OTResult, ...] = ()
     if cfg.debias:
-        # The clean self-term has no gradient path when the clean side is anchored: solve it detached.
-        xx = cfg.cost(z, z, logits, logits)
-        yy = cfg.cost(z_adv, z_adv, logits_adv, logits_adv)
-        self_terms = tuple(
-            cfg.sinkhorn.solve(c.detach(), cfg.theta, mask, max_iter=cfg.max_iter, tol=cfg.tol) for c in (xx, yy)
-        )
-        value = value - 0.5 * (with_grad(xx, self_terms[0]) + with_grad(yy, self_terms[1]))
+        value = value - 0.5 * with_grad_self_terms(both, *self_terms)
     loss = (cfg.beta * loss_scale) * value
     diag = GOTDiagnostics(
         value=value.detach(),

@@ -12,8 +12,8 @@ import torch
 from ot_reference import newton_ot, pot_solve, semidual_formula
 
 from got_reg import GOTConvergenceWarning, GOTRegularizer
-from got_reg.functional import GOTConfig, got_loss, joint_cost, label_mask, ot_loss
-from got_reg.solvers import KantorovichPotential
+from got_reg.functional import GOTConfig, got_forward, got_loss, joint_cost, label_mask, ot_loss
+from got_reg.solvers import KantorovichPotential, SinkhornBackend, get_backend
 
 F64 = dict(dtype=torch.float64)
 
@@ -198,11 +198,11 @@ def test_debias_is_non_negative_for_a_positive_definite_kernel(seed):
         assert float(v) >= -1e-8
 
 
-@pytest.mark.parametrize("anchor", ["none", "clean"])
+@pytest.mark.parametrize("anchor", ["none", "clean", "features"])
 def test_debias_gradient_is_that_of_the_three_envelope_terms(anchor):
     """d/d(inputs) of W(x, y) − ½W(x, x) − ½W(y, y): autograd through
     <P_xy, C_xy> − ½<P_xx, C_xx> − ½<P_yy, C_yy> with the three plans from the Newton reference held
-    fixed (the clean side detached for anchor="clean")."""
+    fixed (the clean side detached for anchor="clean", its features for anchor="features")."""
     z, za, lg, lga, y = batch(seed=5)
     mask = label_mask(y)
     plans = [
@@ -214,10 +214,8 @@ def test_debias_gradient_is_that_of_the_three_envelope_terms(anchor):
     got = torch.autograd.grad(v, leaves, allow_unused=True)
     refs = [t.clone().requires_grad_(True) for t in (z, za, lg, lga)]
     rz, rza, rlg, rlga = refs
-    if anchor == "clean":
-        rz_, rlg_ = rz.detach(), rlg.detach()
-    else:
-        rz_, rlg_ = rz, rlg
+    rz_ = rz.detach() if anchor in ("clean", "features") else rz
+    rlg_ = rlg.detach() if anchor == "clean" else rlg
     obj = (
         fixed_plan_objective(rz_, rza, rlg_, rlga, plans[0])
         - 0.5 * fixed_plan_objective(rz_, rz_, rlg_, rlg_, plans[1])
@@ -229,6 +227,34 @@ def test_debias_gradient_is_that_of_the_three_envelope_terms(anchor):
             assert g is None or float(g.abs().max()) == 0.0
         else:
             torch.testing.assert_close(g, e, rtol=1e-7, atol=1e-10)
+
+
+@pytest.mark.parametrize("solver", ["sinkhorn", "dual"])
+def test_debias_hands_the_backend_one_stack_of_the_three_costs(solver):
+    """The debiased loss asks its backend once, with C(x, y), C(x, x), C(y, y) stacked (C(x, y) only for
+    Sinkhorn: the dual has its own), so that a GPU backend can solve them in one launch; each block is the
+    joint cost of that pair, computed here independently."""
+    z, za, lg, lga, y = batch(seed=6)
+    calls = []
+
+    class Recording(SinkhornBackend):
+        name = "recording"
+
+        def solve(self, cost, theta, mask, *, max_iter, tol):
+            raise AssertionError("the debiased loss should call solve_many")
+
+        def solve_many(self, costs, theta, mask, *, max_iter, tol):
+            calls.append(costs.clone())
+            return [get_backend("torch").solve(c, theta, mask, max_iter=max_iter, tol=tol) for c in costs]
+
+    potential = KantorovichPotential() if solver == "dual" else None
+    cfg = GOTConfig(solver=solver, theta=THETA, debias=True, backend=Recording())
+    got_forward(cfg, z, za, lg, lga, y, potential=potential)
+    expected = [joint_cost(z, z, lg, lg), joint_cost(za, za, lga, lga)]
+    if solver == "sinkhorn":
+        expected.insert(0, joint_cost(z, za, lg, lga))
+    assert len(calls) == 1 and calls[0].shape == (len(expected), 10, 10)
+    torch.testing.assert_close(calls[0], torch.stack(expected), rtol=0, atol=1e-14)
 
 
 def test_debias_warns_when_a_self_term_misses_tol():

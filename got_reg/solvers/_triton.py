@@ -105,7 +105,7 @@ def row_lse_supported(A: torch.Tensor) -> bool:
 
 
 def fused_supported(C: torch.Tensor) -> bool:
-    """Whether :func:`sinkhorn_fused` takes C: Triton present, CUDA, float32, 2-D with n, m ≤ 256.
+    """Whether :func:`sinkhorn_fused` takes C: Triton present, CUDA, float32, (n, m) or (k, n, m), n, m ≤ 256.
 
     False on CPU even under the interpreter (tests call the kernels directly), so that a solver that
     dispatches on this never routes CPU work through the interpreter.
@@ -115,9 +115,10 @@ def fused_supported(C: torch.Tensor) -> bool:
         and not INTERPRET
         and C.is_cuda
         and C.dtype == torch.float32
-        and C.dim() == 2
-        and 1 <= C.shape[0] <= FUSED_MAX
-        and 1 <= C.shape[1] <= FUSED_MAX
+        and C.dim() in (2, 3)
+        and C.numel() > 0
+        and C.shape[-2] <= FUSED_MAX
+        and C.shape[-1] <= FUSED_MAX
     )
 
 
@@ -252,9 +253,7 @@ if _HAVE_TRITON:
         C,
         n,
         m,
-        U,
-        V,
-        SCR,
+        WORK,
         IT,
         ERR,
         theta,
@@ -273,8 +272,16 @@ if _HAVE_TRITON:
         CHECK_EVERY: tl.constexpr,
         PATIENCE: tl.constexpr,
     ):
-        # C is (BN, BM), contiguous and +∞-padded by the caller: unmasked, vectorised loads, and one
-        # compiled variant per padded shape whatever the real (n, m) and strides.
+        # C is (batch, BN, BM), contiguous and +∞-padded by the caller: unmasked, vectorised loads, and one
+        # compiled variant per padded shape whatever the real (n, m) and strides. One program per problem.
+        # WORK holds, per program, u (BN), v (BM) and the scratch vector (BN), 16-byte aligned.
+        p = tl.program_id(0)
+        C += p * (BN * BM)
+        U = WORK + p * (2 * BN + BM)
+        V = U + BN
+        SCR = V + BM
+        IT += p
+        ERR += p
         rows = tl.arange(0, BN)
         cols = tl.arange(0, BM)
         rmask = rows < n
@@ -447,6 +454,9 @@ def sinkhorn_fused(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     r"""The whole entropic Sinkhorn solve between uniform weights, in one kernel launch, for n, m ≤ 256.
 
+    C is (n, m), or (k, n, m) for k independent problems solved by k programs of the same launch (the three
+    problems of the Sinkhorn divergence); the outputs then carry the leading k.
+
     With a = 1/n, b = 1/m, s = −1/θ and C_ij = +∞ on masked pairs:
 
     1. ε-scaling from ε = D (the spread of the finite costs) while ε > θ, ε ← ε·``scaling``, one sweep per ε
@@ -462,9 +472,10 @@ def sinkhorn_fused(
        err re-measured; err always describes the returned (u, v).
 
     Returns (u, v, iterations, err): the scaled potentials f/θ (n,) and g/θ (m,), the sweep count
-    (int32, 0-d) and err (float32, 0-d), all on C's device and none read back here (no host
-    synchronisation). The plan is P_ij = exp(u_i + s C_ij + v_j + log a + log b) and the dual value
-    θ(mean u + mean v). Every row and column of C needs a finite entry (not checked here).
+    (int32, 0-d) and err (float32, 0-d), each with the leading k if C has it, all on C's device and none
+    read back here (no host synchronisation). The plan is P_ij = exp(u_i + s C_ij + v_j + log a + log b)
+    and the dual value θ(mean u + mean v). Every row and column of C needs a finite entry (not checked
+    here).
 
     Where this comes from: eager torch spends ~12 ms per B = 128 solve in launches and synchronisations,
     for a few microseconds of arithmetic. The kernel holds tiles up to 128 × 128 in registers for the
@@ -474,9 +485,13 @@ def sinkhorn_fused(
     if not _HAVE_TRITON:
         raise RuntimeError("sinkhorn_fused needs triton (pip install triton)")
     _require(
-        C.dim() == 2 and C.dtype == torch.float32, f"C must be a 2-D float32 tensor, got {tuple(C.shape)} {C.dtype}"
+        C.dim() in (2, 3) and C.dtype == torch.float32,
+        f"C must be a float32 tensor (n, m) or (k, n, m), got {tuple(C.shape)} {C.dtype}",
     )
-    n, m = C.shape
+    batched = C.dim() == 3
+    C3 = C if batched else C[None]
+    k, n, m = C3.shape
+    _require(k >= 1, "C must hold at least one problem (k >= 1)")
     _require(
         1 <= n <= FUSED_MAX and 1 <= m <= FUSED_MAX, f"sinkhorn_fused takes n, m in [1, {FUSED_MAX}], got {n}, {m}"
     )
@@ -486,21 +501,18 @@ def sinkhorn_fused(
     _require(0.0 < scaling < 1.0, f"scaling must be in (0, 1), got {scaling}")
     cfg = fused_config(n, m)
     bn, bm = cfg["BN"], cfg["BM"]
-    if (n, m) != (bn, bm) or not C.is_contiguous() or C.data_ptr() % 16:
-        C = torch.nn.functional.pad(C, (0, bm - m, 0, bn - n), value=math.inf).contiguous()
-    # One allocation: u, v (outputs, 16-byte aligned views) and the scratch vector of streamed passes.
-    work = torch.empty(2 * bn + bm, dtype=torch.float32, device=C.device)
-    u, v, scratch = work[:n], work[bn : bn + m], work[bn + bm :]
-    iters = torch.empty((), dtype=torch.int32, device=C.device)
-    err = torch.empty((), dtype=torch.float32, device=C.device)
-    with _launching(C):
-        _sinkhorn_kernel[(1,)](
-            C,
+    if (n, m) != (bn, bm) or not C3.is_contiguous() or C3.data_ptr() % 16:
+        C3 = torch.nn.functional.pad(C3, (0, bm - m, 0, bn - n), value=math.inf).contiguous()
+    # One allocation: u, v (outputs, 16-byte aligned views) and the scratch vectors of streamed passes.
+    work = torch.empty(k, 2 * bn + bm, dtype=torch.float32, device=C.device)
+    iters = torch.empty(k, dtype=torch.int32, device=C.device)
+    err = torch.empty(k, dtype=torch.float32, device=C.device)
+    with _launching(C3):
+        _sinkhorn_kernel[(k,)](
+            C3,
             n,
             m,
-            u,
-            v,
-            scratch,
+            work,
             iters,
             err,
             float(theta),
@@ -520,4 +532,5 @@ def sinkhorn_fused(
             PATIENCE=PATIENCE,
             num_warps=num_warps or cfg["num_warps"],
         )
-    return u, v, iters, err
+    u, v = work[:, :n], work[:, bn : bn + m]
+    return (u, v, iters, err) if batched else (u[0], v[0], iters[0], err[0])

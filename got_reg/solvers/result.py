@@ -31,11 +31,26 @@ class OTResult:
     converged: torch.Tensor
     potentials: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def unbind(self) -> list[OTResult]:
+        """The k results of a stacked solve (every field with a leading k), as views: no copy, no sync."""
+        pots = self.potentials
+        return [
+            OTResult(
+                self.value[i],
+                self.plan[i],
+                self.iterations[i],
+                self.marginal_error[i],
+                self.converged[i],
+                None if pots is None else (pots[0][i], pots[1][i]),
+            )
+            for i in range(self.plan.shape[0])
+        ]
+
 
 def marginal_error(plan: torch.Tensor) -> torch.Tensor:
-    """max(‖P·1 − a‖₁, ‖Pᵀ·1 − b‖₁) for uniform a = 1/B, b = 1/B' (0-d tensor)."""
-    B, Bp = plan.shape
-    return torch.maximum((plan.sum(1) - 1.0 / B).abs().sum(), (plan.sum(0) - 1.0 / Bp).abs().sum())
+    """max(‖P·1 − a‖₁, ‖Pᵀ·1 − b‖₁) for uniform a = 1/B, b = 1/B' (0-d; one per plan of a (k, B, B') stack)."""
+    B, Bp = plan.shape[-2:]
+    return torch.maximum((plan.sum(-1) - 1.0 / B).abs().sum(-1), (plan.sum(-2) - 1.0 / Bp).abs().sum(-1))
 
 
 class _Envelope(torch.autograd.Function):
@@ -43,7 +58,7 @@ class _Envelope(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, cost: torch.Tensor, value: torch.Tensor, plan: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(plan)
+        ctx.save_for_backward(plan)  # ∂value/∂cost: the plan, or any fixed matrix of cost's shape
         ctx.cost_dtype = cost.dtype
         return value.to(cost.dtype).clone()
 
@@ -53,8 +68,13 @@ class _Envelope(torch.autograd.Function):
         return (grad * plan).to(ctx.cost_dtype), None, None
 
 
+def envelope(cost: torch.Tensor, value: torch.Tensor, dvalue_dcost: torch.Tensor) -> torch.Tensor:
+    """``value`` as a function of ``cost`` whose gradient is the fixed ``dvalue_dcost`` (Danskin's theorem)."""
+    return _Envelope.apply(cost, value, dvalue_dcost)
+
+
 def with_grad(cost: torch.Tensor, result: OTResult, grad: str = "envelope") -> torch.Tensor:
     """The value as a function of ``cost``: ``"envelope"`` (∂W/∂C = P, never unrolled) or ``"detach"``."""
     if grad == "detach":
         return result.value.to(cost.dtype)
-    return _Envelope.apply(cost, result.value, result.plan)
+    return envelope(cost, result.value, result.plan)

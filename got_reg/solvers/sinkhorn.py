@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import torch
 
@@ -122,14 +123,19 @@ def _relaxed_sweeps(
 def _result(
     C: torch.Tensor, u: torch.Tensor, v: torch.Tensor, theta: float, it: torch.Tensor | int, tol: float
 ) -> OTResult:
-    """The plan P_ij = a_i b_j exp(u_i + v_j − C_ij/θ), the dual value θ(<u, a> + <v, b>) and the error on P."""
-    B, Bp = C.shape
-    plan = exp_plan(torch.add(u[:, None], C, alpha=-1.0 / theta).add_(v[None, :] - math.log(B) - math.log(Bp)))
+    """The plan P_ij = a_i b_j exp(u_i + v_j − C_ij/θ), the dual value θ(<u, a> + <v, b>) and the error on P.
+
+    C may be a (k, B, B') stack with u (k, B), v (k, B') and it (k,): every field then has the leading k.
+    """
+    B, Bp = C.shape[-2:]
+    plan = exp_plan(
+        torch.add(u[..., :, None], C, alpha=-1.0 / theta).add_(v[..., None, :] - math.log(B) - math.log(Bp))
+    )
     err = marginal_error(plan)
     # A fill kernel, not a host-to-device copy (which would synchronise).
     iterations = it if isinstance(it, torch.Tensor) else C.new_full((), it, dtype=torch.int64)
     return OTResult(
-        value=theta * (u.mean() + v.mean()),
+        value=theta * (u.mean(-1) + v.mean(-1)),
         plan=plan,
         iterations=iterations.to(torch.int64),
         marginal_error=err,
@@ -190,7 +196,9 @@ def _masked_finite(cost: torch.Tensor, mask: torch.Tensor | None, theta: float) 
 
 
 class SinkhornBackend:
-    """Base class: ``solve(cost, theta, mask, max_iter=, tol=) -> OTResult`` with no autograd."""
+    """Base class: ``solve(cost, theta, mask, max_iter=, tol=) -> OTResult`` with no autograd, and
+    ``solve_many`` for a (k, B, B') stack of problems sharing one mask (one ``solve`` each unless a
+    backend can do better)."""
 
     name = "base"
     #: the knob to turn when ``tol`` is missed, named in the warning
@@ -201,6 +209,12 @@ class SinkhornBackend:
     ) -> OTResult:
         raise NotImplementedError
 
+    def solve_many(
+        self, costs: torch.Tensor, theta: float, mask: torch.Tensor | None, *, max_iter: int, tol: float
+    ) -> list[OTResult]:
+        """The k problems of ``costs`` (k, B, B'), each with the (B, B') ``mask``: k independent results."""
+        return [self.solve(c, theta, mask, max_iter=max_iter, tol=tol) for c in costs]
+
 
 class TorchSinkhorn(SinkhornBackend):
     name = "torch"
@@ -209,6 +223,27 @@ class TorchSinkhorn(SinkhornBackend):
         self, cost: torch.Tensor, theta: float, mask: torch.Tensor | None, *, max_iter: int, tol: float
     ) -> OTResult:
         return sinkhorn_log(cost, theta, mask, max_iter=max_iter, tol=tol)
+
+    @torch.no_grad()
+    def solve_many(
+        self, costs: torch.Tensor, theta: float, mask: torch.Tensor | None, *, max_iter: int, tol: float
+    ) -> list[OTResult]:
+        """On CUDA with Triton and B, B' ≤ 256, all k solves in one fused launch (one program each, each
+        exactly the single solve); elsewhere :func:`sinkhorn_log` once per problem."""
+        C = _masked(costs, mask)
+        tri = triton_module() if C.is_cuda else None
+        if tri is not None and tri.fused_supported(C):
+            try:
+                return _fused_many(tri, C, theta, max_iter, tol)
+            except Exception as exc:  # noqa: BLE001 - any kernel failure falls back to the torch loop
+                triton_failed(exc)
+        return super().solve_many(costs, theta, mask, max_iter=max_iter, tol=tol)
+
+
+def _fused_many(tri: Any, C: torch.Tensor, theta: float, max_iter: int, tol: float) -> list[OTResult]:
+    """The k solves of a masked (k, B, B') stack in one launch of the fused kernel, as k results."""
+    u, v, it, _ = tri.sinkhorn_fused(C, theta, max_iter=max_iter, tol=tol)
+    return _result(C, u, v, theta, it, tol).unbind()
 
 
 class POTSinkhorn(SinkhornBackend):

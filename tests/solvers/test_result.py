@@ -41,3 +41,32 @@ def test_with_grad_envelope_and_detach(dtype):
     torch.testing.assert_close(grad, 3.5 * res.plan.to(dtype))
     d = with_grad(C, res, "detach")
     assert not d.requires_grad and float(d) == float(res.value)
+
+
+def test_a_stack_of_plans_gets_one_marginal_error_each():
+    g = torch.Generator().manual_seed(2)
+    plans = torch.rand(3, 4, 6, generator=g, dtype=torch.float64) / 24
+    errs = marginal_error(plans)
+    assert errs.shape == (3,)
+    for P, e in zip(plans, errs):
+        assert float(e) == float(marginal_error(P))
+
+
+def test_unbind_splits_a_stacked_result_into_views():
+    k, B = 3, 4
+    stacked = OTResult(
+        torch.arange(k, dtype=torch.float64),
+        torch.rand(k, B, B, dtype=torch.float64),
+        torch.arange(k),
+        torch.rand(k, dtype=torch.float64),
+        torch.tensor([True, False, True]),
+        (torch.rand(k, B, dtype=torch.float64), torch.rand(k, B, dtype=torch.float64)),
+    )
+    parts = stacked.unbind()
+    assert len(parts) == k
+    for i, r in enumerate(parts):
+        assert r.plan.data_ptr() == stacked.plan[i].data_ptr()  # a view, not a copy
+        assert float(r.value) == i and int(r.iterations) == i and bool(r.converged) == bool(stacked.converged[i])
+        torch.testing.assert_close(r.potentials[1], stacked.potentials[1][i])
+    no_pots = dataclasses.replace(stacked, potentials=None).unbind()
+    assert all(r.potentials is None for r in no_pots)

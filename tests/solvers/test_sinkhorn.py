@@ -266,6 +266,38 @@ def test_masked_entries_never_matter_even_when_huge(backend):
     assert float((g.double() - ref.plan).abs().sum()) <= 1e-2
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_solve_many_is_one_solve_per_problem(backend):
+    """A (k, B, B) stack with one shared mask: each result is that problem's own solve."""
+    mask = label_mask(torch.arange(12) % 3)
+    costs = torch.stack([random_cost(12, seed=s, adversarial=s == 0) for s in range(3)])
+    b = get_backend(backend)
+    many = b.solve_many(costs, 0.5, mask, max_iter=5000, tol=1e-8)
+    assert len(many) == 3
+    for C, r in zip(costs, many):
+        one = b.solve(C, 0.5, mask, max_iter=5000, tol=1e-8)
+        torch.testing.assert_close(r.plan, one.plan, atol=1e-12, rtol=0)
+        assert float(r.value) == pytest.approx(float(one.value), abs=1e-12)
+        assert bool(r.converged) and plan_error(r.plan) <= 1e-8
+        assert float(r.value) == pytest.approx(newton_ot(C.masked_fill(~mask, math.inf), 0.5).value, abs=1e-7)
+
+
+def test_result_of_a_stack_is_the_stack_of_results():
+    """_result on (k, B, B') costs with (k, B) and (k, B') potentials (the fused batched solve's path)."""
+    costs = torch.stack([random_cost(7, seed=s) for s in range(3)])
+    singles = [sinkhorn.sinkhorn_log(C, 0.3, tol=1e-9) for C in costs]
+    u = torch.stack([r.potentials[0] for r in singles]) / 0.3
+    v = torch.stack([r.potentials[1] for r in singles]) / 0.3
+    its = torch.stack([r.iterations for r in singles])
+    stacked = sinkhorn._result(costs, u, v, 0.3, its, 1e-9)
+    assert stacked.plan.shape == (3, 7, 7) and stacked.value.shape == stacked.marginal_error.shape == (3,)
+    for r, one in zip(stacked.unbind(), singles):
+        torch.testing.assert_close(r.plan, one.plan, atol=1e-15, rtol=0)
+        torch.testing.assert_close(r.value, one.value, atol=1e-15, rtol=0)
+        torch.testing.assert_close(r.marginal_error, one.marginal_error, atol=1e-15, rtol=0)
+        assert int(r.iterations) == int(one.iterations) and bool(r.converged) == bool(one.converged)
+
+
 def test_backend_registry_and_custom_backends():
     assert BACKENDS == ("torch", "pot", "geomloss")
     assert [get_backend(b).name for b in BACKENDS] == list(BACKENDS)

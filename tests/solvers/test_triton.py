@@ -320,6 +320,47 @@ def test_fused_plain_sinkhorn_and_fall_back():
     assert float((plan(u, v, C, 0.1) - plan(u64, v64, C, 0.1)).abs().sum()) <= 1e-5
 
 
+@pytest.mark.parametrize("streamed", [False, True])
+def test_fused_batch_solves_each_problem_as_its_own_launch(monkeypatch, streamed):
+    """(k, n, m): one program per problem, each exactly the single launch's solve (its own iteration
+    count and error), whatever the others do: here a masked, an unmasked and a slow relaxed problem."""
+    if streamed:
+        monkeypatch.setattr(T, "_RESIDENT_MAX", 0)
+        monkeypatch.setattr(T, "_CHUNK", 32 * 32 // 4)
+    mask = label_mask(32, 32)
+    problems = [
+        got_cost(32, 32, seed=1, masked=False),
+        got_cost(32, 32, seed=2, adversarial=False).masked_fill(~mask, math.inf),
+        block_cost(32, seed=2),
+    ]
+    kw = dict(max_iter=1000, tol=1e-4)
+    u, v, it, err = T.sinkhorn_fused(torch.stack(problems).float().to(DEVICE), 0.1, **kw)
+    assert u.shape == (3, 32) and v.shape == (3, 32) and it.shape == (3,) and err.shape == (3,)
+    singles = [run_fused(C, 0.1, **kw) for C in problems]
+    assert len({s[2] for s in singles}) > 1, "the problems should stop at different sweeps"
+    for i, (u1, v1, it1, err1) in enumerate(singles):
+        assert int(it[i]) == it1 and float(err[i]) == err1
+        torch.testing.assert_close(u[i].cpu(), u1, atol=0, rtol=0)
+        torch.testing.assert_close(v[i].cpu(), v1, atol=0, rtol=0)
+
+
+def test_solve_many_glue_gives_each_problem_its_result():
+    """TorchSinkhorn.solve_many's fused branch (one launch for the debiased loss' three problems): the
+    kernel's stacked potentials become k results equal to the torch solver's, plan and value."""
+    from got_reg.solvers import sinkhorn
+
+    mask = label_mask(32, 32)
+    costs = torch.stack([got_cost(32, 32, seed=s, adversarial=s > 0) for s in range(3)])
+    C = sinkhorn._masked(costs.float(), mask)
+    many = sinkhorn._fused_many(T, C.to(DEVICE), 0.1, 1000, 1e-4)
+    assert len(many) == 3
+    for c, r in zip(costs, many):
+        ref = sinkhorn.sinkhorn_log(c, 0.1, mask, tol=1e-9)
+        assert bool(r.converged) and float(r.marginal_error) <= 1e-4
+        assert float(r.value) == pytest.approx(float(ref.value), abs=1e-4)
+        assert float((r.plan.double().cpu() - ref.plan).abs().sum()) <= 2e-4
+
+
 def test_fused_rejects_bad_input():
     C = torch.rand(4, 4, device=DEVICE)
     with pytest.raises(ValueError):
@@ -328,6 +369,10 @@ def test_fused_rejects_bad_input():
         T.sinkhorn_fused(torch.rand(4, 257, device=DEVICE), 0.1, max_iter=10, tol=1e-3)
     with pytest.raises(ValueError):
         T.sinkhorn_fused(C.double(), 0.1, max_iter=10, tol=1e-3)
+    with pytest.raises(ValueError, match=r"\(n, m\) or \(k, n, m\)"):
+        T.sinkhorn_fused(C[None, None], 0.1, max_iter=10, tol=1e-3)
+    with pytest.raises(ValueError, match="at least one problem"):
+        T.sinkhorn_fused(C[:0].reshape(0, 4, 4), 0.1, max_iter=10, tol=1e-3)
 
 
 def test_dispatch_helpers():
