@@ -6,11 +6,12 @@
 # starts after BUDGET - 60 s, and everything is stopped at BUDGET, so a slow machine loses the last parts only.
 #
 #     bash studies/beta10/gpu_study.sh OUTDIR [--device cuda] [--epochs 5] [--jobs 4] [--budget 430]
-#                                             [--data-dir DIR] [--wheels DIR] [--quick]
+#                                             [--data-dir DIR] [--wheels DIR] [--quick] [--runs "NAME ..."]
 #
 #   --wheels   install every DIR/*.whl first (POT and GeomLoss on a machine without a registry), and put DIR/site on
 #              PYTHONPATH if it exists (pyautoattack unpacked without its 45 MB example model)
 #   --quick    run_study.sh's QUICK=1 smoke test (check it on a CPU with --device cpu --quick first)
+#   --runs     some of run_study.sh's runs only (default: all, in its order)
 #
 # Writes to OUTDIR (no checkpoints, so it stays small): study.tar.gz, the run folders without weights (config,
 # per-epoch metrics, evaluations, logs) and the report of `python -m studies.beta10.report` (summary.md/json,
@@ -19,12 +20,12 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 [ $# -ge 1 ] || { echo "usage: bash studies/beta10/gpu_study.sh OUTDIR [--device cuda] [--epochs 5] ..." >&2; exit 2; }
 OUTDIR=$(mkdir -p "$1" && cd "$1" && pwd); shift
-DEVICE=cuda EPOCHS=5 JOBS=4 BUDGET=430 DATA=.gpu_data/mnist WHEELS="" QUICK=0
+DEVICE=cuda EPOCHS=5 JOBS=4 BUDGET=430 DATA=.gpu_data/mnist WHEELS="" QUICK=0 NAMES=""
 while [ $# -gt 0 ]; do
     case $1 in
         --device) DEVICE=$2; shift 2 ;; --epochs) EPOCHS=$2; shift 2 ;; --jobs) JOBS=$2; shift 2 ;;
         --budget) BUDGET=$2; shift 2 ;; --data-dir) DATA=$2; shift 2 ;; --wheels) WHEELS=$2; shift 2 ;;
-        --quick) QUICK=1; shift ;;
+        --quick) QUICK=1; shift ;; --runs) NAMES=$2; shift 2 ;;
         *) echo "gpu_study.sh: unknown option $1" >&2; exit 2 ;;
     esac
 done
@@ -55,7 +56,7 @@ left=$(( start + BUDGET - $(date +%s) ))
 # cuDNN's deterministic kernels are slower, and GPU runs are not bit-reproducible anyway.
 OUT=$RUNS JOBS=$JOBS EPOCHS=$EPOCHS PAPER_EPOCHS=$EPOCHS THREADS=2 DEVICE=$DEVICE DATA_DIR=$DATA QUICK=$QUICK \
     TRAIN_FLAGS=--no-deterministic \
-    DEADLINE=$(( start + BUDGET - 60 )) PY=$PY timeout -k 5 "$left" bash studies/beta10/run_study.sh
+    DEADLINE=$(( start + BUDGET - 60 )) PY=$PY timeout -k 5 "$left" bash studies/beta10/run_study.sh $NAMES
 echo "run_study.sh exit $? after $(( $(date +%s) - start )) s"
 kill "$SNAPSHOTS" 2>/dev/null; wait "$SNAPSHOTS" 2>/dev/null
 for f in "$RUNS"/*.log; do echo "== $(basename "$f")"; tail -n 3 "$f"; done

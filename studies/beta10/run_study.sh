@@ -83,6 +83,9 @@ job() {  # name
 NAMES=("$@")
 [ ${#NAMES[@]} -gt 0 ] || NAMES=("${ORDER[@]}")
 for name in "${NAMES[@]}"; do
+    [ -n "${RUN[$name]:-}" ] || { echo "run_study.sh: unknown run '$name'; the runs are: ${ORDER[*]}" >&2; exit 2; }
+done
+for name in "${NAMES[@]}"; do
     while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
     job "$name" &
 done

@@ -51,3 +51,34 @@ def test_results_md_leads_with_the_gpu_study_and_quotes_its_tables():
                 break
             table.append(line)
         assert "\n".join(table) in lead, title
+
+
+def test_gpu_study_script_smoke_on_cpu(tmp_path):
+    """gpu_study.sh end to end on CPU (--quick: 256 training points, evaluations on 100 test points,
+    AutoAttack on 20), one run: training, the three evaluations, the report, and a tar without weights."""
+    import subprocess
+    import tarfile
+
+    from examples import data
+
+    mnist = data.default_data_dir("mnist")
+    if not all((mnist / f).is_file() for f in data.MNIST_FILES.values()):
+        pytest.skip(f"MNIST not found in {mnist}")
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["bash", "studies/beta10/gpu_study.sh", str(out), "--device", "cpu", "--quick", "--epochs", "1"]
+        + ["--jobs", "1", "--budget", "900", "--data-dir", str(mnist), "--runs", "trades-s0"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with tarfile.open(out / "study.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert not any(n.endswith(".pt") for n in names), "weights must not come back"
+    for f in ("config.json", "metrics.jsonl", "eval-test10k.json", "eval-aa1000.json", "eval-sanity.json"):
+        assert f"study/trades-s0/{f}" in names, f
+    assert {"report/summary.md", "report/curves.png"} <= names
+    log = (out / "gpu_study.log").read_text()
+    assert "run_study.sh exit 0" in log and "| trades-s0 | TRADES | 0 |" in log
