@@ -18,10 +18,10 @@
 #     bash studies/beta10/run_study.sh trades-s0 got-trades-lm-s0  # some runs only
 #
 # Environment: OUT (runs/study), JOBS (2), EPOCHS (2), PAPER_EPOCHS (1), PY (.venv/bin/python, else python3),
-# THREADS (1), DEVICE (the library's choice), DATA_DIR (the examples' default), TRAIN_FLAGS (more training flags,
-# e.g. --no-deterministic), DEADLINE (a `date +%s` time after
-# which no run or evaluation starts; gpu_study.sh uses it to end inside the device's time limit), QUICK=1 (a smoke
-# test of the whole pipeline: 256 training points, evaluations on 100 test points and AutoAttack on 20).
+# THREADS (1), DEVICE (the library's choice), DATA_DIR (the examples' default), TRAIN_FLAGS (more training
+# flags, e.g. --no-deterministic), DEADLINE (a `date +%s` time after which no run or evaluation starts:
+# gpu_study.sh ends inside the device's time limit with it), QUICK=1 (a smoke test of the whole pipeline: 256
+# training points, evaluations on 100 test points, AutoAttack on 20).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-runs/study}
