@@ -230,8 +230,8 @@ class TorchSinkhorn(SinkhornBackend):
     ) -> list[OTResult]:
         """On CUDA with Triton and B, B' ≤ 256, all k solves in one fused launch (one program each, each
         exactly the single solve); elsewhere :func:`sinkhorn_log` once per problem."""
-        C = _masked(costs, mask)
-        tri = triton_module() if C.is_cuda else None
+        tri = triton_module() if costs.is_cuda else None
+        C = _masked(costs, mask) if tri is not None else costs
         if tri is not None and tri.fused_supported(C):
             try:
                 return _fused_many(tri, C, theta, max_iter, tol)
