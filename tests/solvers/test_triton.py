@@ -323,7 +323,7 @@ def test_fused_plain_sinkhorn_and_fall_back():
 @pytest.mark.parametrize("streamed", [False, True])
 def test_fused_batch_solves_each_problem_as_its_own_launch(monkeypatch, streamed):
     """(k, n, m): one program per problem, each exactly the single launch's solve (its own iteration
-    count and error), whatever the others do: here a masked, an unmasked and a slow relaxed problem."""
+    count and error), whatever the others do: here an unmasked, a masked and a slow relaxed problem."""
     if streamed:
         monkeypatch.setattr(T, "_RESIDENT_MAX", 0)
         monkeypatch.setattr(T, "_CHUNK", 32 * 32 // 4)
