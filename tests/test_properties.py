@@ -57,8 +57,14 @@ def test_non_negative_and_identical_inputs_give_the_entropic_minimum(B, seed, fc
     g = torch.Generator().manual_seed(seed)
     z, za = torch.randn(B, 5, generator=g, dtype=torch.float64), torch.randn(B, 5, generator=g, dtype=torch.float64)
     lg, lga = torch.randn(B, 3, generator=g, dtype=torch.float64), torch.randn(B, 3, generator=g, dtype=torch.float64)
-    # θ = 0.5: identical batches have near-diagonal plans, on which Sinkhorn crawls at small θ.
-    theta = 0.5
+    # θ of the order of the largest cost: identical batches have near-diagonal plans, on which Sinkhorn
+    # crawls when θ is small against the off-diagonal costs (B = 3, l2 + KL costs up to 6.7 at θ = 0.5 still
+    # missed tol = 1e-7 after 20 000 sweeps); the properties hold for every θ.
+    c_max = max(
+        float(joint_cost(a, b, c, d, feature_cost=fc, prob_cost=pc).max())
+        for a, b, c, d in ((z, za, lg, lga), (z, z, lg, lg))
+    )
+    theta = max(0.5, 0.5 * c_max)
     opts = dict(
         feature_cost=fc, prob_cost=pc, theta=theta, beta=1.0, anchor="none", debias=False, tol=1e-7, max_iter=20000
     )
