@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU measurements of issue 12 in one command: the Triton self-check (if benchmarks/triton_selfcheck.py
-# exists), the solver grid at equal accuracy and the overhead benchmark, each under its own timeout, their
-# tables and one combined log written to OUTDIR. A failed or timed-out step is recorded and the next one runs.
+# exists), the solver grid at equal accuracy, the overhead benchmark, the kernel-launch count and one training
+# epoch, each under its own timeout, their tables and one combined log written to OUTDIR. A failed or timed-out
+# step is recorded and the next one runs.
 #
-#   bash benchmarks/gpu_check.sh OUTDIR [--device cuda|cpu] [--quick] [--wheels DIR] [--data-dir DIR]
+#   bash benchmarks/gpu_check.sh OUTDIR [--device cuda|cpu] [--quick] [--wheels DIR] [--data-dir DIR] [--tar FILE]
 #
 #   --device    cuda (default) or cpu
 #   --quick     tiny sizes (the smoke test runs `--device cpu --quick`; no time limits inside the scripts)
@@ -11,29 +12,32 @@
 #               PYTHONPATH): how POT and GeomLoss reach a machine without a registry
 #   --data-dir  MNIST idx files for the overhead benchmark (default ../shared/data/mnist; random 28×28
 #               inputs when missing, and the table says so)
+#   --tar       also pack OUTDIR into FILE (.tar.gz) at the end: one file for a machine that returns few
 #   PYTHON=...  the interpreter (default: .venv/bin/python if present, else python3)
 #
 # Writes to OUTDIR: gpu_check.md (environment and each step's exit code and time), gpu_check.log (everything
 # printed, the Triton self-check's report included), solvers_<gpu|cpu>[_quick].{md,json},
-# overhead_<gpu|cpu>[_quick].{md,json} and epoch_<gpu|cpu>.{md,json}: 8 files, the device's limit. Exit status 0
-# if every step exited 0, else 1 (after all steps).
+# overhead_<gpu|cpu>[_quick].{md,json}, launches_<gpu|cpu>[_quick].{md,json} and epoch_<gpu|cpu>.{md,json}: 10
+# files (the device returns at most 8: put OUTDIR outside its $OUT and --tar into it). Exit status 0 if every step
+# exited 0, else 1 (after all steps).
 #
 # Time budget on one GPU (full run, at most 8 minutes = 480 s; each step's limit includes its Python start,
-# CUDA initialisation and Triton compilation):
-#   wheels       30 s  (two local wheels install in seconds)
-#   self-check   90 s  (compiles and checks each Triton kernel at sizes up to 8192², then times them)
-#   solver grid 235 s  hard limit; --time-limit 175 inside: after it only the default's and the reference rows
+# CUDA initialisation and Triton compilation; each can be changed from the environment, e.g. T_SOLVERS=120):
+#   wheels       20 s  (two local wheels install in seconds; 1 s measured)
+#   self-check   60 s  (compiles and checks each Triton kernel at sizes up to 8192², then times them; 34 s)
+#   solver grid 140 s  hard limit; --time-limit 100 inside: after it only the default's and the reference rows
 #                      run, and the tables are rewritten after every problem, so a problem cut off by the hard
-#                      limit loses only itself. Expected 1–3 min: B = 8192 dominates (float64 Newton reference a
-#                      few seconds; POT and GeomLoss calibration and repeats ≤ --budget 2 s per call).
-#   overhead    110 s  hard limit; --time-limit 60 inside (no new round or batch size after). Expected under a
-#                      minute: 300 pretraining steps, then 5 variants × (2 + 31) steps at B = 128 and
-#                      5 × (2 + 21) at B = 512, ~10–60 ms per step.
-#   total       465 s of limits, + at most 20 s for the environment report.
+#                      limit loses only itself. B = 8192 dominates (float64 Newton reference a few seconds; POT
+#                      and GeomLoss calibration and repeats ≤ --budget 2 s per call); 79 s measured.
+#   overhead     90 s  hard limit; --time-limit 50 inside (no new round or batch size after): 300 pretraining
+#                      steps, then 5 variants × (2 + 31) steps at B = 128 and 5 × (2 + 21) at B = 512.
+#   launches     40 s  kernel and host-read counts on the CUDA path, and 50 timed calls per variant at B = 16, 128.
+#   epoch       100 s  one MNIST epoch of TRADES and GOT-LM, alone and 4 runs sharing the GPU (56 s measured).
+#   total       450 s of limits, + at most 20 s for the environment report.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd) || exit 2
 
-usage="usage: bash benchmarks/gpu_check.sh OUTDIR [--device cuda|cpu] [--quick] [--wheels DIR] [--data-dir DIR]"
+usage="usage: bash benchmarks/gpu_check.sh OUTDIR [--device cuda|cpu] [--quick] [--wheels DIR] [--data-dir DIR] [--tar FILE]"
 [ $# -ge 1 ] || { echo "$usage" >&2; exit 2; }
 OUTDIR=$1
 shift
@@ -41,6 +45,7 @@ DEVICE=cuda
 QUICK=()
 WHEELS=""
 DATA_DIR=()
+TAR=""
 while [ $# -gt 0 ]; do
     case "$1" in
         --device) DEVICE=$2; shift 2 ;;
@@ -50,6 +55,8 @@ while [ $# -gt 0 ]; do
         --wheels=*) WHEELS=${1#*=}; shift ;;
         --data-dir) DATA_DIR=(--data-dir "$2"); shift 2 ;;
         --data-dir=*) DATA_DIR=(--data-dir "${1#*=}"); shift ;;
+        --tar) TAR=$2; shift 2 ;;
+        --tar=*) TAR=${1#*=}; shift ;;
         *) echo "unknown argument: $1" >&2; echo "$usage" >&2; exit 2 ;;
     esac
 done
@@ -57,6 +64,7 @@ done
 mkdir -p "$OUTDIR" || exit 2
 OUTDIR=$(cd "$OUTDIR" && pwd)
 [ -n "$WHEELS" ] && { WHEELS=$(cd "$WHEELS" && pwd) || exit 2; }
+[ -n "$TAR" ] && [ "${TAR#/}" = "$TAR" ] && TAR=$PWD/$TAR
 [ ${#DATA_DIR[@]} -gt 0 ] && [ -d "${DATA_DIR[1]}" ] && DATA_DIR=(--data-dir "$(cd "${DATA_DIR[1]}" && pwd)")
 [ -n "${PYTHON:-}" ] && [ -x "$PYTHON" ] && [ "${PYTHON#/}" = "$PYTHON" ] && PYTHON=$PWD/$PYTHON
 cd "$REPO" || exit 2
@@ -71,13 +79,13 @@ export PYTHONUNBUFFERED=1
 
 if [ ${#QUICK[@]} -gt 0 ]; then
     # CPU smoke runs on a shared machine: generous limits, no soft limits (the test checks every row).
-    T_ENV=120 T_WHEELS=60 T_SELFCHECK=300 T_SOLVERS=600 T_OVERHEAD=600 T_EPOCH=900
+    T_ENV=120 T_WHEELS=60 T_SELFCHECK=300 T_SOLVERS=600 T_OVERHEAD=600 T_LAUNCHES=300 T_EPOCH=900
     SOLVER_LIMIT=() OVERHEAD_LIMIT=()
 else
     # Each limit can be lowered from the environment to fit a shorter lease (e.g. T_SOLVERS=120 SOFT_SOLVERS=90).
-    T_ENV=${T_ENV:-20} T_WHEELS=${T_WHEELS:-30} T_SELFCHECK=${T_SELFCHECK:-90} T_SOLVERS=${T_SOLVERS:-235}
-    T_OVERHEAD=${T_OVERHEAD:-110} T_EPOCH=${T_EPOCH:-120}
-    SOLVER_LIMIT=(--time-limit "${SOFT_SOLVERS:-175}") OVERHEAD_LIMIT=(--time-limit "${SOFT_OVERHEAD:-60}")
+    T_ENV=${T_ENV:-20} T_WHEELS=${T_WHEELS:-20} T_SELFCHECK=${T_SELFCHECK:-60} T_SOLVERS=${T_SOLVERS:-140}
+    T_OVERHEAD=${T_OVERHEAD:-90} T_LAUNCHES=${T_LAUNCHES:-40} T_EPOCH=${T_EPOCH:-100}
+    SOLVER_LIMIT=(--time-limit "${SOFT_SOLVERS:-100}") OVERHEAD_LIMIT=(--time-limit "${SOFT_OVERHEAD:-50}")
 fi
 [ "$DEVICE" = cpu ] && KIND=cpu || KIND=gpu
 SUFFIX=${QUICK:+_quick}
@@ -86,7 +94,8 @@ failed=0
 {
     echo "# gpu_check: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), device $DEVICE${QUICK:+, --quick}"
     echo
-    echo "Interpreter: $PYTHON. Tables: solvers_${KIND}${SUFFIX}.md, overhead_${KIND}${SUFFIX}.md (+ .json); all output:"
+    echo "Interpreter: $PYTHON. Tables: solvers_${KIND}${SUFFIX}.md, overhead_${KIND}${SUFFIX}.md, launches_${KIND}${SUFFIX}.md,"
+    echo "epoch_${KIND}.md (+ .json); all output:"
     echo "gpu_check.log."
     echo
 } >"$STATUS"
@@ -166,6 +175,7 @@ step solvers "$T_SOLVERS" "$PYTHON" -m benchmarks.bench_solvers --device "$DEVIC
     "${SOLVER_LIMIT[@]}" "${QUICK[@]}"
 step overhead "$T_OVERHEAD" "$PYTHON" -m benchmarks.bench_overhead --device "$DEVICE" --out "$OUTDIR" \
     "${OVERHEAD_LIMIT[@]}" "${DATA_DIR[@]}" "${QUICK[@]}"
+step launches "$T_LAUNCHES" "$PYTHON" -m benchmarks.bench_launches --device "$DEVICE" --out "$OUTDIR" "${QUICK[@]}"
 
 EPOCH_ARGS=(--train-subset "${EPOCH_POINTS:-30000}" --reps "${EPOCH_REPS:-1}")
 [ ${#QUICK[@]} -gt 0 ] && EPOCH_ARGS=(--quick --reps 1)
@@ -185,7 +195,12 @@ for f in "$OUTDIR/solvers_${KIND}${SUFFIX}.md"; do
     [ -f "$f" ] && awk '/^## The default against/{on=1} /^## Where the host/{on=0} /^## Problems/{on=0} on' "$f"
 done
 [ -f "$OUTDIR/overhead_${KIND}${SUFFIX}.md" ] && sed -n '/^| B | variant/,$p' "$OUTDIR/overhead_${KIND}${SUFFIX}.md"
+[ -f "$OUTDIR/launches_${KIND}${SUFFIX}.md" ] && sed -n '/^| call | kernels/,/^$/p' "$OUTDIR/launches_${KIND}${SUFFIX}.md"
 [ -f "$OUTDIR/epoch_${KIND}.md" ] && cat "$OUTDIR/epoch_${KIND}.md"
 echo
 cat "$STATUS"
+if [ -n "$TAR" ]; then
+    tar czf "$TAR" -C "$OUTDIR" . || failed=1
+    echo "packed $OUTDIR into $TAR"
+fi
 exit $failed

@@ -166,10 +166,23 @@ def check_fused(T, device, C64, theta, tol=1e-3, max_iter=1000, iter_slack=5, nu
     val_rel = abs(value - value64) / max(abs(value64), 1e-12)
     plan_l1 = float((P - P64).abs().sum())
     finite = bool(torch.isfinite(u).all() and torch.isfinite(v).all())
+    # The epilogue of with_plan=True (what the library uses): the plan, value and marginal error written by
+    # the same launch, against those computed here from its own potentials.
+    *_, Pk, value_k, merr_k = T.sinkhorn_fused(
+        C64.float(), theta, max_iter=max_iter, tol=tol, num_warps=num_warps, with_plan=True
+    )
+    Pk = Pk.double()
+    merr_ref = max(float((Pk.sum(1) - 1 / n).abs().sum()), float((Pk.sum(0) - 1 / m).abs().sum()))
+    epilogue = max(
+        float((Pk - P).abs().sum()),
+        abs(float(value_k) - value) / max(abs(value), 1e-12),
+        abs(float(merr_k) - merr_ref),
+    )
     ok = finite and abs(it - it32) <= iter_slack and it64 == it and val_rel <= 1e-5 and plan_l1 <= 1e-5
+    ok = ok and epilogue <= 1e-5
     return ok, (
         f"iters {it} (torch fp32 {it32}), err {err:.2e} (fp32 {err32:.2e}), value rel {val_rel:.1e}, "
-        f"plan L1 {plan_l1:.1e} (limits: iters +-{iter_slack}, 1e-5, 1e-5)"
+        f"plan L1 {plan_l1:.1e}, with_plan epilogue {epilogue:.1e} (limits: iters +-{iter_slack}, 1e-5, 1e-5, 1e-5)"
     )
 
 
@@ -373,6 +386,8 @@ def aot(T, arch=90, quick=False):
             WORK=torch.empty(3, 2 * bn + bm),
             IT=torch.empty(3, dtype=torch.int32),
             ERR=torch.empty(3),
+            PLAN=torch.empty(3, bn, bm),
+            STATS=torch.empty(3, 2),
             theta=0.1,
             s=-10.0,
             max_iter=1000,
@@ -388,6 +403,7 @@ def aot(T, arch=90, quick=False):
             RELAX_AFTER=T.RELAX_AFTER,
             CHECK_EVERY=T.CHECK_EVERY,
             PATIENCE=T.PATIENCE,
+            WRITE_PLAN=True,  # the library's variant (with_plan=True)
         )
         label = f"{n}x{m} ({bn}x{bm}, {'registers' if cfg['RESIDENT'] else 'streamed'})"
         compile_one("fused", T._sinkhorn_kernel, args, warps or cfg["num_warps"], label)

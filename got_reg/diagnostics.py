@@ -22,8 +22,9 @@ class GOTDiagnostics:
         w_xy: the cross term W_θ(μ, ν) alone (equal to ``value`` without ``debias``).
         result: the solver's :class:`~got_reg.solvers.OTResult` for the cross term (plan, iterations,
             marginal error, converged).
+        label_mask: the (B, B) same-label mask of the call (True where y_i == y_j), None without labels.
         same_label_mass: fraction of the plan's mass between same-label pairs (1 under label matching);
-            None without labels.
+            None without labels. Computed when read (a property), so a call that nobody inspects pays nothing.
         finite: whether all features and logits were finite (and φ, for the dual).
         solver: ``"sinkhorn"`` or ``"dual"``.
         batch: the number of pairs' rows B (the global batch under ``distributed_gather``).
@@ -35,11 +36,18 @@ class GOTDiagnostics:
     loss: torch.Tensor
     w_xy: torch.Tensor
     result: OTResult
-    same_label_mass: torch.Tensor | None
+    label_mask: torch.Tensor | None
     finite: torch.Tensor
     solver: str
     batch: int
     self_terms: tuple[OTResult, ...] = ()
+
+    @property
+    def same_label_mass(self) -> torch.Tensor | None:
+        if self.label_mask is None:
+            return None
+        plan = self.result.plan
+        return (plan * self.label_mask).sum() / plan.sum()
 
     @property
     def iterations(self) -> torch.Tensor:
@@ -74,9 +82,10 @@ class GOTDiagnostics:
         """All numeric fields as Python floats, read in one host synchronisation."""
         names = ["value", "loss", "w_xy", "iterations", "marginal_error", "converged", "finite"]
         tensors = [self.value, self.loss, self.w_xy, self.iterations, self.marginal_error, self.converged, self.finite]
-        if self.same_label_mass is not None:
+        same_label_mass = self.same_label_mass
+        if same_label_mass is not None:
             names.append("same_label_mass")
-            tensors.append(self.same_label_mass)
+            tensors.append(same_label_mass)
         values = torch.stack([t.detach().to(torch.float64).reshape(()) for t in tensors]).tolist()
         out = dict(zip(names, values))
         out.update(batch=float(self.batch))

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._checks import (
+    all_finite,
     check_choice,
     check_finite,
     check_int,
@@ -234,6 +235,18 @@ def got_loss(
     return loss
 
 
+def sinkhorn_divergence(both: torch.Tensor, xy: OTResult, xx: OTResult, yy: OTResult) -> torch.Tensor:
+    """S_θ = W_θ(μ, ν) − ½ W_θ(μ, μ) − ½ W_θ(ν, ν) as a function of the stacked cost
+    [[C(x,x), C(x,y)], [C(y,x), C(y,y)]] (2B × 2B), with the envelope gradient: the cross plan on its block,
+    −½ each self-term's plan on the diagonal blocks, 0 on C(y, x). One autograd node for the three terms."""
+    B = xx.plan.shape[0]
+    grad = both.new_zeros(both.shape)
+    grad[:B, B:] = xy.plan
+    torch.mul(xx.plan, -0.5, out=grad[:B, :B])
+    torch.mul(yy.plan, -0.5, out=grad[B:, B:])
+    return envelope(both, xy.value - 0.5 * (xx.value + yy.value), grad)
+
+
 def with_grad_self_terms(both: torch.Tensor, xx: OTResult, yy: OTResult) -> torch.Tensor:
     """W_θ(μ, μ) + W_θ(ν, ν) as a function of the stacked cost [[C(x,x), C(x,y)], [C(y,x), C(y,y)]] (2B × 2B),
     with the envelope gradient: each self-term's plan on its diagonal block, 0 elsewhere."""
@@ -304,7 +317,6 @@ def got_forward(
     """
     y = check_inputs(z, z_adv, logits, logits_adv, y, cfg.label_matching)
     z, z_adv = z.reshape(z.shape[0], -1), z_adv.reshape(z_adv.shape[0], -1)
-    finite = torch.stack([torch.isfinite(t).all() for t in (z, z_adv, logits, logits_adv)]).all()
     if cfg.anchor == "clean":
         z, logits = z.detach(), logits.detach()
     elif cfg.anchor == "features":
@@ -314,10 +326,12 @@ def got_forward(
         # One cost over the stacked batches: its blocks are C(x, y), C(x, x) and C(y, y), in one product
         # and, backward, one gradient (a launch-bound GPU step pays per kernel, not per entry).
         zs, ls = torch.cat([z, z_adv]), torch.cat([logits, logits_adv])
+        inputs: tuple[torch.Tensor, ...] = (zs, ls)
         both = cfg.cost(zs, zs, ls, ls)
         cost, xx, yy = both[:B, B:], both[:B, :B], both[B:, B:]
     else:
-        cost = cfg.cost(z, z_adv, logits, logits_adv)
+        inputs = (z, z_adv, logits, logits_adv)
+        cost = cfg.cost(*inputs)
     same = label_mask(y) if y is not None else None
     mask = same if cfg.label_matching else None
     self_terms: tuple[OTResult, ...] = ()
@@ -327,9 +341,10 @@ def got_forward(
                 torch.stack([cost, xx, yy]).detach(), cfg.theta, mask, max_iter=cfg.max_iter, tol=cfg.tol
             )
             self_terms = tuple(rest)
+            value = sinkhorn_divergence(both, res, *self_terms)
         else:
             res = cfg.sinkhorn.solve(cost.detach(), cfg.theta, mask, max_iter=cfg.max_iter, tol=cfg.tol)
-        value = with_grad(cost, res)
+            value = with_grad(cost, res)
     else:
         if potential is None:
             raise ValueError("solver='dual' needs potential=KantorovichPotential(...) (GOTRegularizer keeps one)")
@@ -351,17 +366,16 @@ def got_forward(
             value, res = semidual(cost, potential(e), cfg.theta, mask)
             if update_potential:
                 potential.step(e, res.plan)
-    w_xy = value.detach()
-    if cfg.debias:
-        value = value - 0.5 * with_grad_self_terms(both, *self_terms)
+        if cfg.debias:
+            value = value - 0.5 * with_grad_self_terms(both, *self_terms)
     loss = (cfg.beta * loss_scale) * value
     diag = GOTDiagnostics(
         value=value.detach(),
         loss=loss.detach(),
-        w_xy=w_xy,
+        w_xy=res.value,
         result=res,
-        same_label_mass=None if same is None else (res.plan * same).sum() / res.plan.sum(),
-        finite=finite & torch.isfinite(loss.detach()),
+        label_mask=same,
+        finite=all_finite(*inputs, loss),
         solver=cfg.solver,
         batch=cost.shape[0],
         self_terms=self_terms,

@@ -171,3 +171,26 @@ def test_ten_thousand_calls_keep_memory_flat():
         assert rss[9_999] - rss[1_000] < 4_000  # kB over 9,000 calls: flat
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_finite_flag_equals_isfinite_on_every_input(dtype):
+    """all_finite (one aminmax per tensor) against isfinite(t).all(): one poisoned entry anywhere in any of
+    the tensors, the largest finite values (whose sum would overflow), 0-d and empty tensors."""
+    from got_reg._checks import all_finite
+
+    big = torch.finfo(dtype).max
+    g = torch.Generator().manual_seed(0)
+    for trial in range(40):
+        ts = [torch.randn(5, 7, generator=g).to(dtype), torch.randn(3, generator=g).to(dtype), torch.tensor(1.5)]
+        ts[0][0, 0] = big  # finite; a sum of the extremes would be inf
+        ts[0][1, 1] = -big
+        if trial % 4:
+            k = trial % 2
+            flat = ts[k].view(-1)
+            flat[int(torch.randint(flat.numel(), (1,), generator=g))] = [math.nan, math.inf, -math.inf][trial % 3]
+        ts.append(torch.empty(0, 4, dtype=dtype))
+        expected = all(bool(torch.isfinite(t).all()) for t in ts)
+        got = all_finite(*ts)
+        assert got.dtype == torch.bool and got.ndim == 0
+        assert bool(got) == expected, (trial, ts)

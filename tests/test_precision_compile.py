@@ -93,10 +93,16 @@ def test_float64_model_runs_the_ot_in_float64():
     assert loss.dtype == torch.float64 and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad.dtype == torch.float64 and torch.isfinite(p.grad).all() for p in model.parameters())
-    # The same network in float32 gives the same value to fp32 accuracy.
+    # The same network in float32 gives the same value to fp32 accuracy. The divergence W_xy − ½W_xx − ½W_yy
+    # is ~100 times smaller than its terms here (clean and adversarial inputs are close), so the fp32 error
+    # is measured against the terms: 1e-5 of their size is a few hundred fp32 ulps (and tol = 1e-5).
     m32 = setup()[0]
-    v32 = float(GOTRegularizer(m32, "3", label_matching=True, tol=1e-5)(m32(x.float()), m32(xa.float()), y).detach())
-    assert float(loss.detach()) == pytest.approx(v32, rel=1e-4)
+    got32 = GOTRegularizer(m32, "3", label_matching=True, tol=1e-5)
+    v32 = float(got32(m32(x.float()), m32(xa.float()), y).detach())
+    d = got32.diagnostics
+    terms = abs(float(d.w_xy)) + 0.5 * sum(abs(float(r.value)) for r in d.self_terms)
+    assert terms > 10 * abs(v32)  # the cancellation that the tolerance accounts for
+    assert float(loss.detach()) == pytest.approx(v32, abs=1e-5 * terms)
 
 
 @pytest.mark.slow  # inductor compiles C++ with gcc: the slowest unit test after the 10k-calls one

@@ -9,6 +9,17 @@ import torch
 from .base import Factorized, PairwiseCost
 
 
+def unit_rows(z: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ẑ, 1/|z|) row by row, with ẑ = 0 and 1/|z| = 0 on rows of norm ≤ eps (differentiable: their gradient is 0).
+
+    1/|z| is computed in (B,) arithmetic, then one (B, D) product; a zero row's norm is replaced by +∞
+    before the reciprocal, so neither the value nor the gradient meets 1/0.
+    """
+    norm = torch.linalg.vector_norm(z, dim=1)
+    inv = torch.where(norm > eps, norm, torch.inf).reciprocal()
+    return z * inv[:, None], inv
+
+
 class CosineCost(PairwiseCost):
     r"""d_x(a, b) = 1 − <a, b> / (|a| |b|), in [0, 2]; the paper's best choice.
 
@@ -24,11 +35,7 @@ class CosineCost(PairwiseCost):
         self.eps = eps
 
     def embed(self, z: torch.Tensor) -> torch.Tensor:
-        norm = z.norm(dim=1, keepdim=True)
-        nonzero = norm > self.eps
-        # 1/|z| on nonzero rows and 0 on zero rows, in (B, 1) arithmetic: one (B, D) product forward.
-        inv = nonzero.to(z.dtype) / torch.where(nonzero, norm, torch.ones_like(norm))
-        return z * inv
+        return unit_rows(z, self.eps)[0]
 
     def pairwise(self, z: torch.Tensor, z_adv: torch.Tensor) -> torch.Tensor:
         # Rounding can put 1 − cos at −2e-16 for identical vectors; the cost is in [0, 2] by definition.

@@ -122,11 +122,10 @@ class KantorovichPotential(nn.Module):
         # Never an inference tensor (a first call under torch.inference_mode()): Adam updates w in place later.
         with torch.inference_mode(False):
             self.weight = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
-        # One fused kernel for the update on CUDA.
-        if self.weight.is_cuda:
-            self.optimizer = torch.optim.Adam([self.weight], lr=self.lr, fused=True)
-        else:
-            self.optimizer = torch.optim.Adam([self.weight], lr=self.lr, foreach=False)
+        # One fused kernel for the update, which also keeps Adam's step count off the host (the unfused
+        # step reads it back: a synchronisation per step on a GPU). Other devices get torch's default.
+        fused = True if self.weight.device.type in ("cpu", "cuda") else None
+        self.optimizer = torch.optim.Adam([self.weight], lr=self.lr, fused=fused)
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
         """φ(e) for (B, D) embeddings, with w detached: the model never trains φ, :meth:`step` does."""

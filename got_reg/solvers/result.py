@@ -50,7 +50,8 @@ class OTResult:
 def marginal_error(plan: torch.Tensor) -> torch.Tensor:
     """max(‖P·1 − a‖₁, ‖Pᵀ·1 − b‖₁) for uniform a = 1/B, b = 1/B' (0-d; one per plan of a (k, B, B') stack)."""
     B, Bp = plan.shape[-2:]
-    return torch.maximum((plan.sum(-1) - 1.0 / B).abs().sum(-1), (plan.sum(-2) - 1.0 / Bp).abs().sum(-1))
+    l1 = lambda x: torch.linalg.vector_norm(x, ord=1, dim=-1)  # noqa: E731
+    return torch.maximum(l1(plan.sum(-1) - 1.0 / B), l1(plan.sum(-2) - 1.0 / Bp))
 
 
 class _Envelope(torch.autograd.Function):

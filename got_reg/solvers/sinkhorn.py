@@ -45,7 +45,7 @@ RELAX_AFTER, CHECK_EVERY, PATIENCE = 10, 5, 10
 
 def _masked(cost: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     C = cost.to(ot_dtype(cost.dtype))
-    return C if mask is None else C.masked_fill(~mask, math.inf)
+    return C if mask is None else torch.where(mask, C, math.inf)
 
 
 def _anneal(
@@ -129,7 +129,7 @@ def _result(
     """
     B, Bp = C.shape[-2:]
     plan = exp_plan(
-        torch.add(u[..., :, None], C, alpha=-1.0 / theta).add_(v[..., None, :] - math.log(B) - math.log(Bp))
+        torch.add(u[..., :, None], C, alpha=-1.0 / theta).add_(v[..., None, :] - (math.log(B) + math.log(Bp)))
     )
     err = marginal_error(plan)
     # A fill kernel, not a host-to-device copy (which would synchronise).
@@ -169,8 +169,7 @@ def sinkhorn_log(
     tri = triton_module() if init_g is None and C.is_cuda else None
     if tri is not None and tri.fused_supported(C):
         try:
-            u, v, it, _ = tri.sinkhorn_fused(C, theta, max_iter=max_iter, tol=tol, scaling=scaling, relax=relax)
-            return _result(C, u, v, theta, it, tol)
+            return _fused_result(tri, C, theta, max_iter, tol, scaling=scaling, relax=relax)
         except Exception as exc:  # noqa: BLE001 - any kernel failure falls back to the torch loop
             triton_failed(exc)
     rows, cols = row_lse(C), row_lse(C.T.contiguous())
@@ -240,10 +239,23 @@ class TorchSinkhorn(SinkhornBackend):
         return super().solve_many(costs, theta, mask, max_iter=max_iter, tol=tol)
 
 
+def _fused_result(tri: Any, C: torch.Tensor, theta: float, max_iter: int, tol: float, **kw: float) -> OTResult:
+    """The solve of a masked (B, B') cost, or of each problem of a (k, B, B') stack, in one launch of the
+    fused kernel, which also writes the plans, values and marginal errors (:func:`_result`'s fields)."""
+    u, v, it, _, plan, value, err = tri.sinkhorn_fused(C, theta, max_iter=max_iter, tol=tol, with_plan=True, **kw)
+    return OTResult(
+        value=value,
+        plan=plan,
+        iterations=it.to(torch.int64),
+        marginal_error=err,
+        converged=err <= tol,
+        potentials=(theta * u, theta * v),
+    )
+
+
 def _fused_many(tri: Any, C: torch.Tensor, theta: float, max_iter: int, tol: float) -> list[OTResult]:
     """The k solves of a masked (k, B, B') stack in one launch of the fused kernel, as k results."""
-    u, v, it, _ = tri.sinkhorn_fused(C, theta, max_iter=max_iter, tol=tol)
-    return _result(C, u, v, theta, it, tol).unbind()
+    return _fused_result(tri, C, theta, max_iter, tol).unbind()
 
 
 class POTSinkhorn(SinkhornBackend):

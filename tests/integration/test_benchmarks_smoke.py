@@ -10,6 +10,7 @@ import math
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -45,31 +46,35 @@ def _table(md: str, first_header: str) -> tuple[list[str], list[list[str]]]:
 @pytest.fixture(scope="module")
 def gpu_check(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu_check")
+    tar = str(tmp_path_factory.mktemp("packed") / "gpu_check.tar.gz")
     env = dict(os.environ, PYTHON=sys.executable)
     proc = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--device", "cpu", "--quick"],
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--device", "cpu", "--quick", "--tar", tar],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
         timeout=1800,  # ~1 min on an idle 2-core CPU; minutes when other jobs share it
     )
-    return out, proc
+    return out, proc, Path(tar)
 
 
 def test_gpu_check_runs_every_step(gpu_check):
-    out, proc = gpu_check
+    out, proc, tar = gpu_check
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     status = (out / "gpu_check.md").read_text()
     assert "| solvers | exit 0 |" in status and "| overhead | exit 0 |" in status, status
     assert "triton_selfcheck" in status  # skipped on CPU, and says so
     log = (out / "gpu_check.log").read_text()
     assert "=== solvers" in log and "=== overhead" in log
-    assert len(list(out.iterdir())) <= 8  # what comes back from a lent GPU machine
+    # A lent GPU machine returns at most 8 files: --tar packs the 10 into one.
+    with tarfile.open(tar) as t:
+        packed = {Path(n).name for n in t.getnames() if n not in (".", "./")}
+    assert packed == {f.name for f in out.iterdir()} and len(packed) == 10, packed
 
 
 def test_solver_tables(gpu_check):
-    out, _ = gpu_check
+    out, _, _ = gpu_check
     data = json.loads((out / "solvers_cpu_quick.json").read_text())
     md = (out / "solvers_cpu_quick.md").read_text()
     assert md.startswith("# ")
@@ -117,7 +122,7 @@ def test_solver_tables(gpu_check):
 
 
 def test_overhead_tables(gpu_check):
-    out, _ = gpu_check
+    out, _, _ = gpu_check
     data = json.loads((out / "overhead_cpu_quick.json").read_text())
     md = (out / "overhead_cpu_quick.md").read_text()
     assert md.startswith("# ")
@@ -178,3 +183,22 @@ def test_calibration_picks_the_loosest_setting_within_the_target():
     stuck = grid.calibrate(lambda s: (1.0 + 0.01 * s, int(10 / s)), guess=1.0, target=0.5, max_iter=10**9)
     assert not stuck["met"] and len(stuck["probes"]) <= 4
     assert stuck["err"] == min(p["plan_err"] for p in stuck["probes"])
+
+
+def test_launch_tables(gpu_check):
+    """Counts of kernels and host reads per got(...) call: well-formed, and one host read per call."""
+    out, _, _ = gpu_check
+    data = json.loads((out / "launches_cpu_quick.json").read_text())
+    counts = data["counts"]
+    assert set(counts) == {"+GOT-S", "+GOT-LM", "+GOT-LM dual", "+GOT-LM debias=False", "joint cost alone"}
+    interpreted = data["path"].startswith("the CUDA path")
+    for name, c in counts.items():
+        assert c["kernels"] == c["kernels_fwd"] + c["kernels_bwd"] > 0, (name, c)
+        assert sum(c["ops"].values()) == c["kernels"], (name, c)
+        assert c["reads"] == (0 if name == "joint cost alone" else 1), (name, c)  # the call's one read
+        if interpreted:  # every Sinkhorn solve of the call in one launch
+            assert c["triton"] == (0 if name == "joint cost alone" else 1), (name, c)
+    for name, per_b in data["times_ms"].items():
+        assert all(_number(ms) and ms > 0 for ms in per_b.values()), (name, per_b)
+    header, body = _table((out / "launches_cpu_quick.md").read_text(), "call | kernels fwd")
+    assert len(body) == len(counts) and header[3] == "kernels"

@@ -115,8 +115,9 @@ def test_small_theta_and_large_costs_in_fp32(theta):
 
 def test_fp32_costs_of_a_thousand_do_not_overflow_and_warn_when_unconverged():
     C = random_cost(32, seed=10, dtype=torch.float32) * 200  # costs up to ~1e3 at θ = 0.1
+    # ~400 sweeps reach tol here, so 300 cannot (rounding in the cost decides the exact count).
     with pytest.warns(GOTConvergenceWarning, match=r"Sinkhorn \(torch\) stopped with marginal error"):
-        res = solve_sinkhorn(C, 0.1)
+        res = solve_sinkhorn(C, 0.1, max_iter=300)
     exact = ot.emd2(np.full(32, 1 / 32), np.full(32, 1 / 32), C.double().numpy())
     assert exact - 1e-3 * exact <= float(res.value) <= exact + 0.1 * math.log(32**2)
     assert plan_error(res.plan) == pytest.approx(float(res.marginal_error), rel=1e-3)

@@ -344,6 +344,38 @@ def test_fused_batch_solves_each_problem_as_its_own_launch(monkeypatch, streamed
         torch.testing.assert_close(v[i].cpu(), v1, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("streamed, n, m, masked", [(False, 32, 32, True), (False, 7, 5, False), (True, 12, 8, True)])
+def test_plan_value_and_error_written_by_the_launch(monkeypatch, streamed, n, m, masked):
+    """with_plan=True: the plan, value and marginal error that the kernel writes after its solve equal those
+    of the solver's torch epilogue (sinkhorn._result) on the same potentials; the error is measured on the
+    plan as returned (got_reg.solvers.result.marginal_error); padded shapes, a stack, both tile paths."""
+    from got_reg.solvers import sinkhorn
+    from got_reg.solvers.result import marginal_error
+
+    if streamed:
+        monkeypatch.setattr(T, "_RESIDENT_MAX", 0)
+        bn, bm = T.fused_config(n, m)["BN"], T.fused_config(n, m)["BM"]
+        monkeypatch.setattr(T, "_CHUNK", bn * bm // 4)
+        assert not T.fused_config(n, m)["RESIDENT"]
+    problems = [got_cost(n, m, seed=s, masked=masked, adversarial=s != 1 and n == m) for s in range(3)]
+    C = torch.stack(problems).float().to(DEVICE)
+    kw = dict(max_iter=1000, tol=1e-4)
+    u, v, it, err, P, value, merr = T.sinkhorn_fused(C, 0.1, with_plan=True, **kw)
+    assert P.shape == (3, n, m) and value.shape == (3,) and merr.shape == (3,)
+    u0, v0, it0, err0 = T.sinkhorn_fused(C, 0.1, **kw)  # the plan costs the solve nothing
+    for a, b in ((u, u0), (v, v0), (it, it0), (err, err0)):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    ref = sinkhorn._result(C, u, v, 0.1, it, 1e-4)
+    torch.testing.assert_close(P, ref.plan, atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(value, ref.value, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(merr, marginal_error(P), atol=1e-6, rtol=1e-4)
+    if masked:
+        assert bool((P[:, ~torch.isfinite(C[0])] == 0).all())
+    single = T.sinkhorn_fused(C[2], 0.1, with_plan=True, **kw)
+    for a, b in zip(single, (u[2], v[2], it[2], err[2], P[2], value[2], merr[2])):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_solve_many_glue_gives_each_problem_its_result():
     """TorchSinkhorn.solve_many's fused branch (one launch for the debiased loss' three problems): the
     kernel's stacked potentials become k results equal to the torch solver's, plan and value."""
