@@ -46,88 +46,9 @@ def say(*a):
 
 # ------------------------------------------------------------------------------------ torch reference
 
-
-def reference_solve(C, theta, *, max_iter, tol, scaling=0.8, relax=1.8, dtype=torch.float64, stop_at=None):
-    """The fused kernel's solve as an eager torch loop (a copy of the reference in tests/solvers/test_triton.py)."""
-    C = C.to(dtype)
-    n, m = C.shape
-    log_a, log_b, s = -math.log(n), -math.log(m), -1.0 / theta
-
-    def rows(w, sc):
-        return torch.logsumexp(w[None, :] + sc * C, 1)
-
-    def cols(w, sc):
-        return torch.logsumexp(w[:, None] + sc * C, 0)
-
-    finite = C[torch.isfinite(C)]
-    eps = float(finite.max() - finite.min())
-    g = torch.zeros(m, dtype=dtype, device=C.device)
-    it = 0
-    while eps > theta and it < max_iter:
-        f = -eps * (rows(g / eps, -1.0 / eps) + log_b)
-        g = -eps * (cols(f / eps, -1.0 / eps) + log_a)
-        eps *= scaling
-        it += 1
-    v = g / theta
-    u = -rows(v, s) - log_b
-    omega, best, stalled, err, exact, check = 1.0, math.inf, 0, math.inf, True, False
-    for k in range(max_iter - it):
-        if k == 10:
-            omega = relax
-        exact = omega == 1.0 or k % 5 == 0
-        check = k % 5 == 0
-        v_map = -cols(u, s) - log_a
-        v = v_map if exact else v + omega * (v_map - v)
-        it += 1
-        lse_row = rows(v, s)
-        if check:
-            err = float(torch.expm1(u + lse_row + log_b).abs().mean())
-            if err <= tol or it == stop_at:
-                break
-            if err < best:
-                best, stalled = err, 0
-            else:
-                stalled += 1
-                if stalled > 10:
-                    omega = relax = 1.0
-        u_map = -lse_row - log_b
-        u = u_map if omega == 1.0 else u + omega * (u_map - u)
-    if not exact or not check:
-        if not exact:
-            v = -cols(u, s) - log_a
-        err = float(torch.expm1(u + rows(v, s) + log_b).abs().mean())
-    return u, v, it, err
-
-
-def got_cost(n, m, seed, masked=False, device="cpu"):
-    """GOT-like float64 cost (cosine + KL of class posteriors); masked: +inf across classes of shares
-    1/2, 1/4, 1/4 on both sides (n, m multiples of 4 or n == m)."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.nn.functional.normalize(torch.randn(n, 16, generator=g, dtype=torch.float64), dim=1)
-    za = torch.nn.functional.normalize(torch.randn(m, 16, generator=g, dtype=torch.float64), dim=1)
-    lp = torch.log_softmax(2 * torch.randn(n, 5, generator=g, dtype=torch.float64), 1)
-    lq = torch.log_softmax(2 * torch.randn(m, 5, generator=g, dtype=torch.float64), 1)
-    C = (1 - z @ za.T) + ((lp.exp() * lp).sum(1, keepdim=True) - lp.exp() @ lq.T)
-    if masked:
-
-        def labels(k):
-            return torch.tensor([0 if i < k // 2 else (1 if i < 3 * k // 4 else 2) for i in range(k)])
-
-        C = C.masked_fill(labels(n)[:, None] != labels(m)[None, :], math.inf)
-    return C.to(device)
-
-
-def block_cost(n, seed, device="cpu"):
-    """Class blocks coupled through costs >> theta: the over-relaxed regime (~80 sweeps at n = 32)."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 3
-    ya = y.clone()
-    ya[: n // 8] = (ya[: n // 8] + 1) % 3
-    centres = 3.0 * torch.randn(3, 8, generator=g, dtype=torch.float64)
-    z = centres[y] + 0.3 * torch.randn(n, 8, generator=g, dtype=torch.float64)
-    za = centres[ya] + 0.3 * torch.randn(n, 8, generator=g, dtype=torch.float64)
-    return (torch.cdist(z, za) ** 2 / 8).to(device)
-
+# The eager reference loop and the problems, shared with tests/solvers/test_triton.py (independent of got_reg).
+sys.path.insert(0, str(ROOT / "tests"))
+from fused_reference import annealing_sweeps, block_cost, got_cost, reference_solve  # noqa: E402
 
 # ------------------------------------------------------------------------------------ checks
 
@@ -547,15 +468,18 @@ def main(argv=None):
             "fused 256x256 warps 16",
             lambda: check_fused(T, device, got_cost(256, 256, seed=1), 0.1, num_warps=16),
         )
+        C = got_cost(16, 24, seed=2)
+        anneal = annealing_sweeps(C, 0.1)
         run_case(
             results,
             "fused max_iter inside annealing",
-            lambda: check_fused(T, device, got_cost(16, 24, seed=2), 0.1, max_iter=5, tol=1e-9),
+            lambda: check_fused(T, device, C, 0.1, max_iter=anneal - 3, tol=1e-9),
         )
         run_case(
             results,
+            # 13 sweeps at θ end with k = 12: a relaxed sweep, after which the columns are made exact.
             "fused max_iter on a relaxed sweep",
-            lambda: check_fused(T, device, got_cost(16, 24, seed=2), 0.1, max_iter=34, tol=1e-9),
+            lambda: check_fused(T, device, C, 0.1, max_iter=anneal + 13, tol=1e-9),
         )
 
     n_pass = sum(s == "PASS" for _, s in results)
