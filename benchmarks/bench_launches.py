@@ -9,8 +9,9 @@ kernel launch per ATen operator, plus a stall at every host read. Both counts ar
 not of the machine, so they can be measured without a GPU:
 
 * kernels: ATen operators dispatched by got(...) (the regulariser module in training mode past its warm-up,
-  so with the collapse monitor's cross-entropy, on features and logits held as leaves, as in bench_overhead's
-  isolated call) and by its share of ``loss.backward()``, counted with a
+  on features and logits held as leaves, as in bench_overhead's isolated call) and by its share of
+  ``loss.backward()``, per call: the mean over 5 consecutive calls, one of which the collapse monitor samples
+  (its cross-entropy: 4 kernels); counted with a
   ``TorchDispatchMode``; views, metadata and allocations (``empty``) launch nothing and are not counted. A
   Triton kernel counts as one launch.
 * host reads: ``bool``/``float``/``int``/``item``/``tolist``/``numpy``/``nonzero``/boolean indexing on a tensor,
@@ -56,6 +57,7 @@ from benchmarks._common import (
     sync,
     write_outputs,
 )
+from got_reg import regularizer
 
 BETA, THETA, CLASSES = 10.0, 0.1, 10
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -170,7 +172,7 @@ def interpreted_fused_backend():
 def leaves_and_call(variant: dict[str, Any], data, device, backend=None):
     """A closure running got(...) on held leaves and backpropagating, through the regulariser module."""
     from benchmarks.bench_overhead import Replay
-    from got_reg import GOTRegularizer, regularizer
+    from got_reg import GOTRegularizer
 
     z, za, lg, lga, y = data
     replay = Replay().to(device)
@@ -178,8 +180,8 @@ def leaves_and_call(variant: dict[str, Any], data, device, backend=None):
     if backend is not None:
         kw["backend"] = backend
     got = GOTRegularizer(replay, "feat", beta=BETA, theta=THETA, **kw)
-    # As in training after the warm-up: the collapse monitor adds its cross-entropy to every call (and one
-    # host read per window of calls, which the next calls here do not reach).
+    # As in training after the warm-up: the collapse monitor adds its cross-entropy to one call in _SAMPLE
+    # (and one host read per window of calls, which the calls here do not reach).
     got._calls = regularizer._WARMUP
     leaves = [t.clone().requires_grad_(True) for t in (z, za, lg, lga)]
 
@@ -209,24 +211,29 @@ def cost_call(data):
     return forward
 
 
-def count(forward) -> dict[str, Any]:
+def count(forward, calls: int = 1) -> dict[str, Any]:
+    """Kernels and host reads per call, the mean over ``calls`` consecutive calls (each with its backward)."""
     forward().backward()  # warm-up: lazy builds (the dual's φ), kernel compilation
+    fwd: Counter = Counter()
+    fwd_reads = 0
     with counting() as (kernels, reads):
-        loss = forward()
-        fwd = +kernels.ops
-        fwd_reads = reads.n
-        loss.backward()
+        for _ in range(calls):
+            before, reads_before = Counter(kernels.ops), reads.n
+            loss = forward()
+            fwd += kernels.ops - before
+            fwd_reads += reads.n - reads_before
+            loss.backward()
     total = kernels.ops
-    bwd = total - fwd
-    n = lambda c: sum(v for k, v in c.items())  # noqa: E731
+    mean = lambda c: round(sum(c.values()) / calls, 2)  # noqa: E731
     return dict(
-        kernels_fwd=n(fwd),
-        kernels_bwd=n(bwd),
-        kernels=n(total),
-        triton=total["<triton>"],
-        reads_fwd=fwd_reads,
-        reads=reads.n,
-        ops=dict(total.most_common()),
+        calls=calls,
+        kernels_fwd=mean(fwd),
+        kernels_bwd=mean(total - fwd),
+        kernels=mean(total),
+        triton=total["<triton>"] / calls,
+        reads_fwd=fwd_reads / calls,
+        reads=reads.n / calls,
+        ops={k: round(v / calls, 2) for k, v in total.most_common()},
     )
 
 
@@ -273,7 +280,9 @@ def main(argv=None) -> int:
         else "the torch loop (Triton not installed: the counts grow with the iterations, unlike a GPU's)"
     )
     data = adversarial_batch(count_batch, 4 * count_batch, CLASSES, device)
-    counts = {v: count(leaves_and_call(cfg, data, device, backend)) for v, cfg in VARIANTS.items()}
+    # Over one cycle of the collapse monitor, which samples one training call in regularizer._SAMPLE.
+    cycle = regularizer._SAMPLE
+    counts = {v: count(leaves_and_call(cfg, data, device, backend), cycle) for v, cfg in VARIANTS.items()}
     counts["joint cost alone"] = count(cost_call(data))
 
     times: dict[str, dict[int, float]] = {v: {} for v in [*VARIANTS, "joint cost alone"]}
@@ -292,10 +301,10 @@ def main(argv=None) -> int:
         f"Machine: {describe(env)}; {elapsed:.1f} min.",
         "",
         f"Counted at B = {count_batch}, D = {4 * count_batch}, {CLASSES} classes (β = {BETA:g}, θ = {THETA:g}, "
-        f"every other option at its default), on {path}. 'kernels': ATen operators that launch a kernel (views "
-        "and allocations excluded) plus Triton launches; 'host reads': calls that synchronise with the device on a "
-        "GPU. "
-        "`python -m benchmarks.bench_launches` (benchmarks/README.md).",
+        f"every other option at its default), on {path}. Per call with its backward: the mean over {cycle} "
+        "consecutive training calls past the warm-up, one of which the collapse monitor samples. 'kernels': ATen "
+        "operators that launch a kernel (views and allocations excluded) plus Triton launches; 'host reads': calls "
+        "that synchronise with the device on a GPU. `python -m benchmarks.bench_launches` (benchmarks/README.md).",
         "",
     ]
     rows = [

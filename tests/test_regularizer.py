@@ -491,6 +491,30 @@ def test_a_collapsed_model_warns_once_after_the_warm_up(short_monitor):
     assert f"averaged {math.log(4):.3f}" in message and f"ln(4) = {math.log(4):.3f}" in message
 
 
+def test_the_monitor_samples_every_few_calls_and_reads_once_per_window(monkeypatch):
+    """Past the warm-up, the cross-entropy is computed on every _SAMPLE-th call of a window (its last call
+    always) and read at the window's end: 5 sampled calls in a window of 10 at _SAMPLE = 2, a warning at the
+    first window's end for a collapsed model, with the sampled mean."""
+    monkeypatch.setattr(regularizer, "_WARMUP", 20)
+    monkeypatch.setattr(regularizer, "_WINDOW", 10)
+    monkeypatch.setattr(regularizer, "_SAMPLE", 2)
+    computed = []
+    cross_entropy = regularizer.F.cross_entropy
+    monkeypatch.setattr(regularizer.F, "cross_entropy", lambda *a, **k: computed.append(1) or cross_entropy(*a, **k))
+    model = constant_mlp()
+    x, xa, y = batch()
+    got = GOTRegularizer(model, "2")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for call in range(1, 21):
+            got(model(x), model(xa), y)
+            collapse = [w for w in caught if issubclass(w.category, GOTCollapseWarning)]
+            # calls 11-20 form the window after the warm-up; of those, 12, 14, ..., 20 are sampled
+            assert len(computed) == max(0, (call - 10) // 2), call
+            assert len(collapse) == (call == 20), call
+    assert f"averaged {math.log(4):.3f} over 5 of the last 10 training calls" in str(collapse[0].message)
+
+
 def test_calls_outside_training_are_not_monitored(short_monitor):
     """Evaluation calls, no-grad calls and calls without labels neither warn nor count towards the warm-up."""
     model = constant_mlp()

@@ -193,8 +193,9 @@ def test_launch_tables(gpu_check):
     assert set(counts) == {"+GOT-S", "+GOT-LM", "+GOT-LM dual", "+GOT-LM debias=False", "joint cost alone"}
     interpreted = data["path"].startswith("the CUDA path")
     for name, c in counts.items():
-        assert c["kernels"] == c["kernels_fwd"] + c["kernels_bwd"] > 0, (name, c)
-        assert sum(c["ops"].values()) == c["kernels"], (name, c)
+        assert c["calls"] == (1 if name == "joint cost alone" else 5), (name, c)  # a cycle of the collapse monitor
+        assert c["kernels"] == pytest.approx(c["kernels_fwd"] + c["kernels_bwd"], abs=0.02) and c["kernels"] > 0
+        assert sum(c["ops"].values()) == pytest.approx(c["kernels"], abs=0.02 * len(c["ops"])), (name, c)
         assert c["reads"] == (0 if name == "joint cost alone" else 1), (name, c)  # the call's one read
         if interpreted:  # every Sinkhorn solve of the call in one launch
             assert c["triton"] == (0 if name == "joint cost alone" else 1), (name, c)
