@@ -123,9 +123,11 @@ class KantorovichPotential(nn.Module):
         with torch.inference_mode(False):
             self.weight = nn.Parameter(torch.zeros(dim, device=device, dtype=dtype))
         # One fused kernel for the update, which also keeps Adam's step count off the host (the unfused
-        # step reads it back: a synchronisation per step on a GPU). Other devices get torch's default.
-        fused = True if self.weight.device.type in ("cpu", "cuda") else None
-        self.optimizer = torch.optim.Adam([self.weight], lr=self.lr, fused=fused)
+        # step reads it back: a synchronisation per step on a GPU).
+        try:
+            self.optimizer = torch.optim.Adam([self.weight], lr=self.lr, fused=True)
+        except RuntimeError:  # no fused Adam for this device in this torch (CPU before torch 2.4, MPS, ...)
+            self.optimizer = torch.optim.Adam([self.weight], lr=self.lr)
 
     def forward(self, e: torch.Tensor) -> torch.Tensor:
         """φ(e) for (B, D) embeddings, with w detached: the model never trains φ, :meth:`step` does."""
