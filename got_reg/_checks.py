@@ -72,9 +72,15 @@ def all_finite(*tensors: torch.Tensor) -> torch.Tensor:
     One ``aminmax`` reduction per tensor (NaN propagates to both extremes, ±inf shows as one), then x − x,
     which is 0 exactly when x is finite: a handful of kernels, where ``isfinite(t).all()`` is five per tensor.
     """
-    parts = [t.detach().reshape(()) if t.numel() == 1 else torch.aminmax(t.detach()) for t in tensors if t.numel()]
-    extremes = torch.stack([m.reshape(()) for p in parts for m in ((p,) if isinstance(p, torch.Tensor) else p)])
-    return (extremes - extremes).eq(0).all()
+    extremes: list[torch.Tensor] = []
+    for t in tensors:
+        t = t.detach()
+        if t.numel() == 1:
+            extremes.append(t.reshape(()))
+        elif t.numel():
+            extremes.extend(torch.aminmax(t))
+    x = torch.stack(extremes)
+    return (x - x).eq(0).all()
 
 
 def check_square_cost(cost: object) -> torch.Tensor:

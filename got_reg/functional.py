@@ -235,26 +235,21 @@ def got_loss(
     return loss
 
 
-def sinkhorn_divergence(both: torch.Tensor, xy: OTResult, xx: OTResult, yy: OTResult) -> torch.Tensor:
-    """S_θ = W_θ(μ, ν) − ½ W_θ(μ, μ) − ½ W_θ(ν, ν) as a function of the stacked cost
-    [[C(x,x), C(x,y)], [C(y,x), C(y,y)]] (2B × 2B), with the envelope gradient: the cross plan on its block,
-    −½ each self-term's plan on the diagonal blocks, 0 on C(y, x). One autograd node for the three terms."""
-    B = xx.plan.shape[0]
+def stacked_envelope(
+    both: torch.Tensor, value: torch.Tensor, blocks: list[tuple[tuple[int, int], torch.Tensor, float]]
+) -> torch.Tensor:
+    """``value`` as a function of the stacked cost [[C(x,x), C(x,y)], [C(y,x), C(y,y)]] (2B × 2B), with the
+    envelope gradient: ``weight · plan`` on each listed ``((row, column), plan, weight)`` block (row and column
+    in {0, 1}), 0 elsewhere. One autograd node however many OT terms the value combines."""
+    B = both.shape[0] // 2
     grad = both.new_zeros(both.shape)
-    grad[:B, B:] = xy.plan
-    torch.mul(xx.plan, -0.5, out=grad[:B, :B])
-    torch.mul(yy.plan, -0.5, out=grad[B:, B:])
-    return envelope(both, xy.value - 0.5 * (xx.value + yy.value), grad)
-
-
-def with_grad_self_terms(both: torch.Tensor, xx: OTResult, yy: OTResult) -> torch.Tensor:
-    """W_θ(μ, μ) + W_θ(ν, ν) as a function of the stacked cost [[C(x,x), C(x,y)], [C(y,x), C(y,y)]] (2B × 2B),
-    with the envelope gradient: each self-term's plan on its diagonal block, 0 elsewhere."""
-    B = xx.plan.shape[0]
-    grad = both.new_zeros(both.shape)
-    grad[:B, :B] = xx.plan
-    grad[B:, B:] = yy.plan
-    return envelope(both, xx.value + yy.value, grad)
+    for (r, c), plan, weight in blocks:
+        block = grad[r * B : (r + 1) * B, c * B : (c + 1) * B]
+        if weight == 1.0:
+            block.copy_(plan)
+        else:
+            torch.mul(plan, weight, out=block)
+    return envelope(both, value, grad)
 
 
 def raise_non_finite(named: dict[str, torch.Tensor], potential: KantorovichPotential | None = None) -> None:
@@ -340,8 +335,13 @@ def got_forward(
             res, *rest = cfg.sinkhorn.solve_many(
                 torch.stack([cost, xx, yy]).detach(), cfg.theta, mask, max_iter=cfg.max_iter, tol=cfg.tol
             )
-            self_terms = tuple(rest)
-            value = sinkhorn_divergence(both, res, *self_terms)
+            self_terms = xx_res, yy_res = tuple(rest)
+            # S_θ = W_θ(μ, ν) − ½ W_θ(μ, μ) − ½ W_θ(ν, ν): the cross plan on C(x, y), −½ each self-term's plan.
+            value = stacked_envelope(
+                both,
+                res.value - 0.5 * (xx_res.value + yy_res.value),
+                [((0, 1), res.plan, 1.0), ((0, 0), xx_res.plan, -0.5), ((1, 1), yy_res.plan, -0.5)],
+            )
         else:
             res = cfg.sinkhorn.solve(cost.detach(), cfg.theta, mask, max_iter=cfg.max_iter, tol=cfg.tol)
             value = with_grad(cost, res)
@@ -367,7 +367,10 @@ def got_forward(
             if update_potential:
                 potential.step(e, res.plan)
         if cfg.debias:
-            value = value - 0.5 * with_grad_self_terms(both, *self_terms)
+            xx_res, yy_res = self_terms
+            value = value + stacked_envelope(
+                both, -0.5 * (xx_res.value + yy_res.value), [((0, 0), xx_res.plan, -0.5), ((1, 1), yy_res.plan, -0.5)]
+            )
     loss = (cfg.beta * loss_scale) * value
     diag = GOTDiagnostics(
         value=value.detach(),
