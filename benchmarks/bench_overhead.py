@@ -14,6 +14,8 @@ on examples.models' SmallCNN, without GOT and with each variant's line ``loss +=
   +GOT-LM dual      ... label_matching=True, solver="dual"
   +GOT-S geomloss   ... backend="geomloss"                                 ('not installed' without GeomLoss)
   +GOT-S pot        ... backend="pot"                                      (not run unless asked for)
+  +GOT-S graphs     ... cuda_graphs=True                                   (by default on CUDA only)
+  +GOT-LM graphs    ... label_matching=True, cuda_graphs=True              (by default on CUDA only)
 
 The network is first trained briefly on clean data (--pretrain-steps Adam steps at B = 128), so that its
 features, and so the transport problems, look like those of a real run; the timed steps then use lr = 0 (all
@@ -81,8 +83,11 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "+GOT-LM dual": dict(label_matching=True, solver="dual"),
     "+GOT-S geomloss": dict(backend="geomloss"),
     "+GOT-S pot": dict(backend="pot"),
+    "+GOT-S graphs": dict(cuda_graphs=True),
+    "+GOT-LM graphs": dict(label_matching=True, cuda_graphs=True),
 }
 DEFAULT_VARIANTS = ["TRADES", "+GOT-S", "+GOT-LM", "+GOT-LM dual", "+GOT-S geomloss"]
+GRAPH_VARIANTS = ["+GOT-S graphs", "+GOT-LM graphs"]  # on CPU they would run eagerly: default on CUDA only
 NEEDS = {"+GOT-S geomloss": "geomloss", "+GOT-S pot": "ot"}
 
 
@@ -351,7 +356,9 @@ def main(argv=None) -> int:
     p.add_argument(
         "--rounds", type=int, nargs="+", default=None, help="rounds per batch size (default: 31 21 on GPU, 21 7 on CPU)"
     )
-    p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    p.add_argument(
+        "--variants", nargs="+", default=None, choices=list(VARIANTS), help="default: all but pot (graphs: CUDA only)"
+    )
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     p.add_argument("--got-repeats", type=int, default=None, help="isolated got() calls (default: 50 GPU, 10 CPU)")
     p.add_argument("--data-dir", default=None, help="MNIST idx files (default: ../shared/data/mnist)")
@@ -371,6 +378,7 @@ def main(argv=None) -> int:
         a.threads = a.threads or 1
     a.rounds = a.rounds or ([31, 21] if gpu else [21, 7])
     a.got_repeats = a.got_repeats or (50 if gpu else 10)
+    a.variants = a.variants or DEFAULT_VARIANTS + (GRAPH_VARIANTS if gpu else [])
     if "TRADES" not in a.variants:
         a.variants.insert(0, "TRADES")
     name = a.name or ("overhead_gpu" if gpu else "overhead_cpu") + ("_quick" if a.quick else "")

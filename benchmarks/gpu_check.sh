@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements of issue 12 in one command: the Triton self-check (if benchmarks/triton_selfcheck.py
-# exists), the solver grid at equal accuracy, the overhead benchmark, the kernel-launch count and one training
-# epoch, each under its own timeout, their tables and one combined log written to OUTDIR. A failed or timed-out
+# exists), the CUDA tests of the CUDA graphs and the solver, the solver grid at equal accuracy, the overhead
+# benchmark, the kernel-launch count and one training epoch, each under its own timeout, their tables and one combined log written to OUTDIR. A failed or timed-out
 # step is recorded and the next one runs.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR [--device cuda|cpu] [--quick] [--wheels DIR] [--data-dir DIR] [--tar FILE]
@@ -23,17 +23,20 @@
 #
 # Time budget on one GPU (full run, at most 8 minutes = 480 s; each step's limit includes its Python start,
 # CUDA initialisation and Triton compilation; each can be changed from the environment, e.g. T_SOLVERS=120):
-#   wheels       20 s  (two local wheels install in seconds; 1 s measured)
-#   self-check   60 s  (compiles and checks each Triton kernel at sizes up to 8192², then times them; 34 s)
-#   solver grid 140 s  hard limit; --time-limit 100 inside: after it only the default's and the reference rows
+#   wheels       10 s  (two local wheels install in seconds; 2 s measured)
+#   self-check   60 s  (compiles and checks each Triton kernel at sizes up to 8192², then times them; 49 s)
+#   cuda tests   60 s  (pytest: tests/test_graphs.py and the CUDA cases of tests/solvers/test_sinkhorn.py)
+#   solver grid 110 s  hard limit; --time-limit 80 inside: after it only the default's and the reference rows
 #                      run, and the tables are rewritten after every problem, so a problem cut off by the hard
 #                      limit loses only itself. B = 8192 dominates (float64 Newton reference a few seconds; POT
-#                      and GeomLoss calibration and repeats ≤ --budget 2 s per call); 79 s measured.
-#   overhead     90 s  hard limit; --time-limit 50 inside (no new round or batch size after): 300 pretraining
-#                      steps, then 5 variants × (2 + 31) steps at B = 128 and 5 × (2 + 21) at B = 512.
-#   launches     40 s  kernel and host-read counts on the CUDA path, and 50 timed calls per variant at B = 16, 128.
-#   epoch       100 s  one MNIST epoch of TRADES and GOT-LM, alone and 4 runs sharing the GPU (56 s measured).
-#   total       450 s of limits, + at most 20 s for the environment report.
+#                      and GeomLoss calibration and repeats ≤ --budget 2 s per call); 92 s measured on an H100.
+#   overhead     80 s  hard limit; --time-limit 45 inside (no new round or batch size after): 300 pretraining
+#                      steps, then 7 variants × (2 + 31) steps at B = 128 and 7 × (2 + 21) at B = 512.
+#   launches     30 s  kernel and host-read counts on the CUDA path, and 50 timed calls per variant at B = 16, 128.
+#   epoch       110 s  one MNIST epoch of TRADES, GOT-LM and GOT-LM with cuda_graphs, alone and 4 runs sharing
+#                      the GPU (56 s measured without the cuda_graphs runs).
+#   total       460 s of limits, + at most 20 s for the environment report.
+# ONLY="step ..." runs only the named steps (e.g. ONLY="cuda_tests overhead" for a short lease).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd) || exit 2
 
@@ -79,13 +82,13 @@ export PYTHONUNBUFFERED=1
 
 if [ ${#QUICK[@]} -gt 0 ]; then
     # CPU smoke runs on a shared machine: generous limits, no soft limits (the test checks every row).
-    T_ENV=120 T_WHEELS=60 T_SELFCHECK=300 T_SOLVERS=600 T_OVERHEAD=600 T_LAUNCHES=300 T_EPOCH=900
+    T_ENV=120 T_WHEELS=60 T_SELFCHECK=300 T_TESTS=300 T_SOLVERS=600 T_OVERHEAD=600 T_LAUNCHES=300 T_EPOCH=900
     SOLVER_LIMIT=() OVERHEAD_LIMIT=()
 else
     # Each limit can be lowered from the environment to fit a shorter lease (e.g. T_SOLVERS=120 SOFT_SOLVERS=90).
-    T_ENV=${T_ENV:-20} T_WHEELS=${T_WHEELS:-20} T_SELFCHECK=${T_SELFCHECK:-60} T_SOLVERS=${T_SOLVERS:-140}
-    T_OVERHEAD=${T_OVERHEAD:-90} T_LAUNCHES=${T_LAUNCHES:-40} T_EPOCH=${T_EPOCH:-100}
-    SOLVER_LIMIT=(--time-limit "${SOFT_SOLVERS:-100}") OVERHEAD_LIMIT=(--time-limit "${SOFT_OVERHEAD:-50}")
+    T_ENV=${T_ENV:-20} T_WHEELS=${T_WHEELS:-10} T_SELFCHECK=${T_SELFCHECK:-60} T_TESTS=${T_TESTS:-60}
+    T_SOLVERS=${T_SOLVERS:-110} T_OVERHEAD=${T_OVERHEAD:-80} T_LAUNCHES=${T_LAUNCHES:-30} T_EPOCH=${T_EPOCH:-110}
+    SOLVER_LIMIT=(--time-limit "${SOFT_SOLVERS:-80}") OVERHEAD_LIMIT=(--time-limit "${SOFT_OVERHEAD:-45}")
 fi
 [ "$DEVICE" = cpu ] && KIND=cpu || KIND=gpu
 SUFFIX=${QUICK:+_quick}
@@ -104,6 +107,10 @@ failed=0
 step() {
     local name=$1 limit=$2 start rc
     shift 2
+    if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then
+        echo "| $name | skipped (not in ONLY) | | |" >>"$STEPS"
+        return 0
+    fi
     echo "=== $name (limit ${limit} s): $*" | tee -a "$LOG"
     start=$(date +%s)
     timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG"
@@ -171,6 +178,13 @@ else
     echo "| triton_selfcheck | skipped (benchmarks/triton_selfcheck.py not present) | | |" >>"$STEPS"
 fi
 
+if [ "$DEVICE" != cpu ]; then
+    step cuda_tests "$T_TESTS" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_graphs.py \
+        tests/solvers/test_sinkhorn.py -k "graphs or cuda"
+else
+    echo "| cuda_tests | skipped (--device cpu; CI runs them as skips) | | |" >>"$STEPS"
+fi
+
 step solvers "$T_SOLVERS" "$PYTHON" -m benchmarks.bench_solvers --device "$DEVICE" --out "$OUTDIR" \
     "${SOLVER_LIMIT[@]}" "${QUICK[@]}"
 step overhead "$T_OVERHEAD" "$PYTHON" -m benchmarks.bench_overhead --device "$DEVICE" --out "$OUTDIR" \
@@ -179,6 +193,7 @@ step launches "$T_LAUNCHES" "$PYTHON" -m benchmarks.bench_launches --device "$DE
 
 EPOCH_ARGS=(--train-subset "${EPOCH_POINTS:-30000}" --reps "${EPOCH_REPS:-1}")
 [ ${#QUICK[@]} -gt 0 ] && EPOCH_ARGS=(--quick --reps 1)
+[ "$DEVICE" != cpu ] && EPOCH_ARGS+=(--graphs)
 step epoch "$T_EPOCH" "$PYTHON" -m benchmarks.bench_epoch --device "$DEVICE" --out "$OUTDIR" "${DATA_DIR[@]}" \
     "${EPOCH_ARGS[@]}"
 

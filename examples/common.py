@@ -230,6 +230,12 @@ def add_got_flags(p: argparse.ArgumentParser) -> None:
         help="dual potential on the cost's embedding (unit features for cosine) or on raw z (the paper)",
     )
     g.add_argument("--got-layer", type=str, default=None, help="hooked layer (default: the model's penultimate layer)")
+    g.add_argument(
+        "--got-cuda-graphs",
+        action=argparse.BooleanOptionalAction,
+        default=default["cuda_graphs"],
+        help="replay the GOT call from CUDA graphs (CUDA, B <= 256; see got_reg.graphs)",
+    )
 
 
 def make_got(args: argparse.Namespace, model: nn.Module, world_size: int = 1):
@@ -252,5 +258,6 @@ def make_got(args: argparse.Namespace, model: nn.Module, world_size: int = 1):
         anchor=args.got_anchor,
         debias=args.got_debias,
         dual_input=args.got_dual_input,
+        cuda_graphs=args.got_cuda_graphs,
         **kwargs,
     )

@@ -23,14 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_choice, check_int, check_positive
+from ._checks import check_choice, check_int, check_positive, ot_dtype
 from .costs import PairwiseCost
 from .diagnostics import GOTDiagnostics
 from .distributed import any_rank, gather_with_grad, world_size
 from .functional import GOTConfig, got_forward, raise_non_finite
+from .graphs import GraphedCalls
 from .hooks import FeatureCapture
 from .solvers import KantorovichPotential, SinkhornBackend
-from .solvers.sinkhorn import warn_unconverged
+from .solvers.lse import triton_module
+from .solvers.sinkhorn import TorchSinkhorn, warn_unconverged
 
 NAN_POLICIES = ("raise", "skip")
 
@@ -95,6 +97,12 @@ class GOTRegularizer(nn.Module):
             return a zero loss for that step.
         select: which tensor of a tuple/list/dict/dataclass layer output is z (an index, key or a
             callable ``output -> tensor``); see :class:`~got_reg.FeatureCapture`.
+        cuda_graphs: replay the call from CUDA graphs (:mod:`got_reg.graphs`): captured once per input
+            shape, then one replay forward and one backward instead of some sixty kernel launches. Needs
+            ``solver="sinkhorn"`` with ``backend="torch"``; a call is replayed when its tensors are on CUDA,
+            in at most float32, B ≤ 256 (the fused Triton kernel) and grad is enabled, and otherwise runs
+            eagerly (with a warning, once per reason, unless grad is simply off). Each call's loss must be
+            backpropagated before the next call of the same shapes (else its backward raises).
 
     φ is trained (one Adam step per call, from the same pass that gives the loss) only in training
     mode: when both the regulariser and the model (as seen on the hooked layer) are in training mode
@@ -125,6 +133,7 @@ class GOTRegularizer(nn.Module):
         distributed_gather: bool = False,
         nan_policy: str = "raise",
         select: Any = None,
+        cuda_graphs: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -151,6 +160,15 @@ class GOTRegularizer(nn.Module):
         self.potential = KantorovichPotential(lr=lr, steps=steps) if solver == "dual" else None
         # A plain attribute, not a submodule: the model's parameters must not enter got.state_dict().
         self._capture = FeatureCapture(model, layer, select=select)
+        if not isinstance(cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
+        if cuda_graphs and (solver != "sinkhorn" or not isinstance(self.config.sinkhorn, TorchSinkhorn)):
+            raise ValueError(
+                "cuda_graphs=True needs solver='sinkhorn' with backend='torch' (the fused kernel, no host sync); "
+                f"got solver={solver!r}, backend={self.config.sinkhorn.name!r}"
+            )
+        self._graphs = GraphedCalls(self._got_forward) if cuda_graphs else None
+        self._graph_warned: set[str] = set()
         self.layer_name = self._capture.layer_name
         self.diagnostics: GOTDiagnostics | None = None
         self._monitor: torch.Tensor | None = None
@@ -217,17 +235,22 @@ class GOTRegularizer(nn.Module):
             and torch.is_grad_enabled()
             and not logits_clean.is_inference()
         )
-        loss, diag = got_forward(
-            self.config,
-            z,
-            z_adv,
-            logits_clean,
-            logits_adv,
-            y,
-            potential=self.potential,
-            update_potential=train_phi,
-            loss_scale=float(world_size() if gather else 1),
-        )
+        scale = float(world_size() if gather else 1)
+        inputs = (z, z_adv, logits_clean, logits_adv) + (() if y is None else (y,))
+        if self._graphs is not None and self._graphable(inputs):
+            loss, diag = self._graphs(inputs, loss_scale=scale)
+        else:
+            loss, diag = got_forward(
+                self.config,
+                z,
+                z_adv,
+                logits_clean,
+                logits_adv,
+                y,
+                potential=self.potential,
+                update_potential=train_phi,
+                loss_scale=scale,
+            )
         finite, converged = diag.read_flags()  # the call's one host read
         if not finite:
             if self.nan_policy == "skip":
@@ -243,6 +266,33 @@ class GOTRegularizer(nn.Module):
         if y is not None and self.training and torch.is_grad_enabled():
             self._watch_collapse(logits_clean, y, diag)
         return loss
+
+    def _got_forward(self, z, z_adv, logits_clean, logits_adv, y=None, *, loss_scale: float):  # type: ignore[no-untyped-def]
+        """The call that the CUDA graphs capture (Sinkhorn only: no state changes inside)."""
+        return got_forward(self.config, z, z_adv, logits_clean, logits_adv, y, loss_scale=loss_scale)
+
+    def _graphable(self, inputs: tuple[torch.Tensor, ...]) -> bool:
+        """Whether this call can be replayed from a CUDA graph; warns once per reason why not."""
+        if not torch.is_grad_enabled() or not any(t.requires_grad for t in inputs):
+            return False  # evaluation: nothing to gain from a backward graph, and nothing to warn about
+        if any(not t.is_cuda for t in inputs):
+            reason = "the features and logits are not on a CUDA device"
+        elif torch.cuda.is_current_stream_capturing():
+            return False  # inside the caller's own capture: the eager call is what gets captured
+        elif (tri := triton_module()) is None:
+            reason = "Triton is not available, so Sinkhorn would synchronise with the host every few sweeps"
+        elif inputs[2].shape[0] > tri.FUSED_MAX:
+            reason = f"the batch size is above {tri.FUSED_MAX}, where Sinkhorn checks convergence on the host"
+        elif ot_dtype(torch.promote_types(inputs[0].dtype, inputs[2].dtype)) != torch.float32:
+            reason = "the inputs are float64 (the fused kernel is float32)"
+        else:
+            return True
+        if reason not in self._graph_warned:
+            self._graph_warned.add(reason)
+            warnings.warn(
+                f"GOTRegularizer(cuda_graphs=True) runs this call eagerly: {reason}.", RuntimeWarning, stacklevel=3
+            )
+        return False
 
     def _skip(self, logits_clean: torch.Tensor, bad: list) -> torch.Tensor:
         warnings.warn(

@@ -64,7 +64,7 @@ def test_gpu_check_runs_every_step(gpu_check):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     status = (out / "gpu_check.md").read_text()
     assert "| solvers | exit 0 |" in status and "| overhead | exit 0 |" in status, status
-    assert "triton_selfcheck" in status  # skipped on CPU, and says so
+    assert "triton_selfcheck" in status and "cuda_tests" in status  # skipped on CPU, and say so
     log = (out / "gpu_check.log").read_text()
     assert "=== solvers" in log and "=== overhead" in log
     # A lent GPU machine returns at most 8 files: --tar packs the 10 into one.
