@@ -565,3 +565,18 @@ def test_a_healthy_training_does_not_warn(short_monitor, monkeypatch, chance):
     warned = any(issubclass(w.category, GOTCollapseWarning) for w in caught)
     assert warned == (chance is not None)
     assert float(nn.functional.cross_entropy(model(x), y)) < 0.3 * math.log(4)
+
+
+def test_readme_signature_is_the_modules():
+    """README's API line lists every keyword argument of GOTRegularizer with its real default, in order."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    text = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    start = text.index("`GOTRegularizer(model, layer, *, ") + len("`GOTRegularizer(model, layer, *, ")
+    listed = [a.split("=", 1) for a in text[start : text.index(")`, an `nn.Module`", start)].split(", ")]
+    params = [p for p in inspect.signature(GOTRegularizer).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    assert [name for name, _ in listed] == [p.name for p in params]
+    for (name, value), p in zip(listed, params):
+        assert ast.literal_eval(value) == p.default, name
