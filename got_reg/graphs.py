@@ -56,7 +56,6 @@ class Layout:
 
     slots: tuple[_Slot, ...]
     views: tuple[tuple[int, tuple[int, ...], tuple[int, ...], int], ...]  # (slot, size, stride, offset in root)
-    nbytes: int
 
 
 def pack(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, Layout]:
@@ -89,7 +88,7 @@ def pack(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, Layout]:
     for r, s in zip(roots, slots):
         if s.nbytes:
             flat[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape).copy_(r)
-    return flat, Layout(tuple(slots), tuple(views), offset)
+    return flat, Layout(tuple(slots), tuple(views))
 
 
 def unpack(flat: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
@@ -174,7 +173,6 @@ class _Capture:
         del warm, loss
 
         self.inputs = leaves()
-        self.needs_grad = [t.requires_grad for t in inputs]
         wrt = [t for t in self.inputs if t.requires_grad]
 
         self.forward = torch.cuda.CUDAGraph()
@@ -189,7 +187,7 @@ class _Capture:
         with torch.cuda.graph(self.backward, pool=self.forward.pool(), capture_error_mode="thread_local"):
             grads = torch.autograd.grad(loss, wrt, grad_outputs=self.grad_loss, allow_unused=True)
         it = iter(grads)
-        self.grads = [next(it) if g else None for g in self.needs_grad]
+        self.grads = [next(it) if t.requires_grad else None for t in self.inputs]
         self.generation = 0  # replays so far: a backward must belong to the latest one
 
 

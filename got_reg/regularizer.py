@@ -275,18 +275,24 @@ class GOTRegularizer(nn.Module):
         """Whether this call can be replayed from a CUDA graph; warns once per reason why not."""
         if not torch.is_grad_enabled() or not any(t.requires_grad for t in inputs):
             return False  # evaluation: nothing to gain from a backward graph, and nothing to warn about
+        B, device = inputs[2].shape[0], inputs[2].device
+        dtype = ot_dtype(torch.promote_types(inputs[0].dtype, inputs[2].dtype))  # the cost's, as JointCost builds it
         if any(not t.is_cuda for t in inputs):
             reason = "the features and logits are not on a CUDA device"
         elif torch.cuda.is_current_stream_capturing():
             return False  # inside the caller's own capture: the eager call is what gets captured
         elif (tri := triton_module()) is None:
             reason = "Triton is not available, so Sinkhorn would synchronise with the host every few sweeps"
-        elif inputs[2].shape[0] > tri.FUSED_MAX:
-            reason = f"the batch size is above {tri.FUSED_MAX}, where Sinkhorn checks convergence on the host"
-        elif ot_dtype(torch.promote_types(inputs[0].dtype, inputs[2].dtype)) != torch.float32:
-            reason = "the inputs are float64 (the fused kernel is float32)"
-        else:
+        elif tri.fused_takes(B, B, dtype, device):  # the solver's own test: every solve in one launch, no sync
             return True
+        elif B > tri.FUSED_MAX:
+            reason = f"the batch size is above {tri.FUSED_MAX}, where Sinkhorn checks convergence on the host"
+        elif dtype != torch.float32:
+            reason = "the inputs are float64 (the fused kernel is float32)"
+        elif tri.INTERPRET:
+            reason = "Triton runs interpreted (TRITON_INTERPRET=1), so Sinkhorn would synchronise with the host"
+        else:
+            reason = f"the fused Sinkhorn kernel does not take B = {B}"
         if reason not in self._graph_warned:
             self._graph_warned.add(reason)
             warnings.warn(

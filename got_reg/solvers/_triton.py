@@ -104,22 +104,27 @@ def row_lse_supported(A: torch.Tensor) -> bool:
     return _HAVE_TRITON and not INTERPRET and A.is_cuda and A.dtype == torch.float32 and A.dim() == 2
 
 
+def fused_takes(n: int, m: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether :func:`sinkhorn_fused` takes (n, m) problems of ``dtype`` on ``device``: Triton present and not
+    interpreted, CUDA, float32, 0 < n, m ≤ 256. What a caller needs to know before the cost exists (the CUDA
+    graphs of :mod:`got_reg.graphs` can capture only a solve that runs in the kernel)."""
+    return (
+        _HAVE_TRITON
+        and not INTERPRET
+        and device.type == "cuda"
+        and dtype == torch.float32
+        and 0 < n <= FUSED_MAX
+        and 0 < m <= FUSED_MAX
+    )
+
+
 def fused_supported(C: torch.Tensor) -> bool:
-    """Whether :func:`sinkhorn_fused` takes C: Triton present, CUDA, float32, (n, m) or (k, n, m), n, m ≤ 256.
+    """Whether :func:`sinkhorn_fused` takes C: :func:`fused_takes` its (n, m), as one problem or a (k, n, m) stack.
 
     False on CPU even under the interpreter (tests call the kernels directly), so that a solver that
     dispatches on this never routes CPU work through the interpreter.
     """
-    return (
-        _HAVE_TRITON
-        and not INTERPRET
-        and C.is_cuda
-        and C.dtype == torch.float32
-        and C.dim() in (2, 3)
-        and C.numel() > 0
-        and C.shape[-2] <= FUSED_MAX
-        and C.shape[-1] <= FUSED_MAX
-    )
+    return C.dim() in (2, 3) and C.numel() > 0 and fused_takes(C.shape[-2], C.shape[-1], C.dtype, C.device)
 
 
 if _HAVE_TRITON:

@@ -310,11 +310,15 @@ def test_dispatch_helpers():
     assert T.available()
     C = torch.rand(8, 8)
     assert not T.fused_supported(C) and not T.row_lse_supported(C)  # never CPU, even interpreted
+    assert not T.fused_takes(8, 8, torch.float32, C.device)
     if _CUDA and not T.INTERPRET:
         Cc = C.cuda()
         assert T.fused_supported(Cc) and T.row_lse_supported(Cc)
         assert not T.fused_supported(torch.rand(8, 300, device="cuda"))
         assert not T.fused_supported(Cc.double())
+        assert T.fused_takes(T.FUSED_MAX, T.FUSED_MAX, torch.float32, Cc.device)
+        assert not T.fused_takes(T.FUSED_MAX + 1, 8, torch.float32, Cc.device)
+        assert not T.fused_takes(8, 8, torch.float64, Cc.device) and not T.fused_takes(0, 8, torch.float32, Cc.device)
 
 
 # ---------------------------------------------------------------------------------------- compiled / GPU
