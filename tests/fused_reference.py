@@ -10,6 +10,9 @@ import math
 
 import torch
 
+# The Tikhonov weight of the Anderson least squares per dtype (got_reg.solvers.sinkhorn.ANDERSON_REG).
+REG = {torch.float32: 1e-4, torch.float64: 1e-7}
+
 
 def reference_solve(
     C,
@@ -17,23 +20,28 @@ def reference_solve(
     *,
     max_iter,
     tol,
-    scaling=0.8,
-    relax=1.8,
-    relax_after=10,
-    check_every=5,
-    patience=10,
+    scaling=0.7,
+    anderson=8,
+    reg=None,
+    patience=50,
     dtype=torch.float64,
     stop_at=None,
     trace=None,
 ):
-    """The solve of ``got_reg.solvers._triton.sinkhorn_fused`` as an eager torch loop, in any dtype (the
-    schedule constants are those of ``got_reg.solvers.sinkhorn``: RELAX_AFTER, CHECK_EVERY, PATIENCE).
+    """The solve of ``got_reg.solvers._triton.sinkhorn_fused`` as an eager torch loop, in any dtype: ε-scaling,
+    then Sinkhorn sweeps with the stopping test every sweep and the row update, kept at mean(u) = 0,
+    Anderson-accelerated (Walker & Ni 2011, type II) from the last ``anderson`` differences since the
+    residual last grew, switched off for good after ``patience`` sweeps without a new best error.
 
-    ``stop_at``: also stop at the check sweep that brings the count to this many (to follow a run that
-    stopped there). ``trace``: a list that collects the sweep counts where the fall-back to plain
-    Sinkhorn happened.
+    Written from the algorithm, not from the kernel: the history is a list, the least squares a dense
+    solve of its normal equations. ``stop_at``: also stop at the sweep that brings the count to this many
+    (to follow a run that stopped there). ``trace``: a list that collects the sweep counts where the
+    history was dropped because the residual grew. ``reg``: the Tikhonov weight, by default the solver's
+    for ``dtype`` (1e-4 in float32, 1e-7 in float64).
     """
     C = C.to(dtype)
+    if reg is None:
+        reg = REG[dtype]
     n, m = C.shape
     log_a, log_b, s = -math.log(n), -math.log(m), -1.0 / theta
 
@@ -54,38 +62,54 @@ def reference_solve(
         it += 1
     v = g / theta
     u = -rows(v, s) - log_b
-    omega, best, stalled, err, exact, check = 1.0, math.inf, 0, math.inf, True, False
-    for k in range(max_iter - it):
-        if k == relax_after:
-            omega = relax
-        exact = omega == 1.0 or k % check_every == 0
-        check = k % check_every == 0
-        v_map = -cols(u, s) - log_a
-        v = v_map if exact else v + omega * (v_map - v)
+    u = u - u.mean()  # the gauge: mean(u) = 0 throughout
+    history, u_prev, r_prev, rn_prev = [], None, None, math.inf
+    converged, err, best, it_best = False, math.inf, math.inf, it
+    for _ in range(max_iter - it):
+        v = -cols(u, s) - log_a
         it += 1
         lse_row = rows(v, s)
-        if check:
-            err = float(torch.expm1(u + lse_row + log_b).abs().mean())
-            if err <= tol or it == stop_at:
-                break
-            if err < best:
-                best, stalled = err, 0
-            else:
-                stalled += 1
-                if stalled > patience:
-                    omega = relax = 1.0
-                    if trace is not None:
-                        trace.append(it)
-        u_map = -lse_row - log_b
-        u = u_map if omega == 1.0 else u + omega * (u_map - u)
-    if not exact or not check:  # relaxed last sweep: exact columns; either way err of the returned (u, v)
-        if not exact:
-            v = -cols(u, s) - log_a
+        err = float(torch.expm1(u + lse_row + log_b).abs().mean())
+        if err <= tol or it == stop_at:
+            converged = True
+            break
+        if err < best:
+            best, it_best = err, it
+        elif it - it_best >= patience:
+            anderson = 0  # stalled: plain Sinkhorn for good
+        r = -lse_row - log_b - u
+        if not anderson:
+            u = u + r
+            u = u - u.mean()
+            continue
+        rn = float(r @ r)
+        if u_prev is not None:
+            history = (history + [(u - u_prev, r - r_prev)])[-anderson:]
+        if not rn <= rn_prev:
+            history = []
+            if trace is not None:
+                trace.append(it)
+        u_prev, r_prev, rn_prev = u, r, rn
+        if not history:
+            u = u + r
+            u = u - u.mean()
+            continue
+        dX = torch.stack([d for d, _ in history])
+        dF = torch.stack([d for _, d in history])
+        G = dF @ dF.T
+        G = G + (reg * float(G.trace()) + torch.finfo(dtype).tiny) * torch.eye(len(history), dtype=dtype)
+        gamma = torch.linalg.solve(G, dF @ r)
+        if not torch.isfinite(gamma).all():
+            gamma = torch.zeros_like(gamma)
+        u = u + r - (dX + dF).T @ gamma
+        u = u - u.mean()
+    if not converged:  # u moved after the last column update: exact columns, err of the returned (u, v)
+        v = -cols(u, s) - log_a
         err = float(torch.expm1(u + rows(v, s) + log_b).abs().mean())
     return u, v, it, err
 
 
-def annealing_sweeps(C, theta, scaling=0.8):
+def annealing_sweeps(C, theta, scaling=0.7):
     finite = C[torch.isfinite(C)]
     eps, k = float(finite.max() - finite.min()), 0
     while eps > theta:
@@ -116,7 +140,7 @@ def got_cost(n, m, seed, masked=False, adversarial=False, device="cpu"):
 
 def block_cost(n, seed, device="cpu"):
     """Three well-separated classes; an eighth of the second side sits in the next class, so mass has to
-    move between blocks: plain Sinkhorn is slow there, over-relaxation much faster."""
+    move between blocks: plain Sinkhorn is slow there, Anderson acceleration much faster."""
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % 3
     ya = y.clone()
@@ -138,3 +162,94 @@ def label_mask(n, m):
         return y[:, None] == y[None, :]
     assert n % 4 == 0 and m % 4 == 0, "shares must match exactly"
     return labels(n)[:, None] == labels(m)[None, :]
+
+
+def _plan(u, v, C, theta):
+    n, m = C.shape
+    return torch.exp(u.double()[:, None] - C / theta + v.double()[None, :] - math.log(n) - math.log(m))
+
+
+def exact_solution(C64, theta):
+    """(value, f) of the entropic problem (f its optimal potential in cost units), solved far below the
+    tolerances judged here (1e-3 to 1e-5): the loop in float64 to 1e-8, where the gap bound of its value is
+    negligible. The residual certifies it whatever the algorithm (a plan with exact columns and that row
+    error is the optimum); the accelerated one is used because plain Sinkhorn can take 10⁵ sweeps."""
+    u, v, _, err = reference_solve(C64, theta, max_iter=20_000, tol=1e-8)
+    assert err <= 1e-8, f"the exact reference did not converge (err {err:.1e})"
+    return theta * float(u.mean() + v.mean()), theta * u
+
+
+def value_gap_bound(err, f, f_star):
+    """How far the dual value θ(mean u + mean v) of potentials with exact columns and row error ``err`` (L1) can be
+    from the optimum: their plan is optimal for its own row marginal a', so value = W(a', b) + <f, a − a'>,
+    and |W(a', b) − W(a, b)| ≤ <f*, a − a'>-like terms; each <·, a − a'> is at most osc(·)/2 · err since
+    a − a' sums to 0. Hence |value − W| ≤ err · (osc f + osc f*) / 2, f = θu in cost units."""
+    return err * (float(f.max() - f.min()) + float(f_star.max() - f_star.min())) / 2
+
+
+def judge_fused(C64, theta, fused, *, max_iter, tol, same_path=False, **kw):
+    """Hold a kernel solve ``fused`` = (u, v, iterations, err) of the float64 cost C64 to the reference.
+
+    Always: finite potentials; ``err`` what it claims (the row error of the returned potentials, measured
+    again in float64) with exact columns, both to the rounding of float32 potentials.
+
+    ``same_path``: sweep for sweep the reference's path: the same count, the float32 loop's potentials to
+    rounding, and the float64 loop over the same sweeps to 1e-5 (value, plan L1). That holds for plain
+    Sinkhorn (``anderson=0``) and for the first sweeps of an accelerated one; over a whole accelerated
+    solve rounding differences grow (Anderson's least squares amplify them), and what is checked instead
+    is the answer, in at most about twice the float32 loop's sweeps: when converged, a value within
+    :func:`value_gap_bound` of the exact one (:func:`exact_solution`), else an error no worse than the
+    float32 loop's. (The plan itself is not
+    held to the exact one: a marginal error of err can leave it 30·err away in L1 on near-diagonal
+    problems, whatever the solver.)
+
+    Returns (ok, detail).
+    """
+    C64 = C64.double().cpu()
+    u, v, it, err = fused[0].cpu(), fused[1].cpu(), int(fused[2]), float(fused[3])
+    n, m = C64.shape
+    P = _plan(u, v, C64, theta)
+    row_err = float((P.sum(1) * n - 1).abs().mean())
+    col_err = float((P.sum(0) * m - 1).abs().mean())
+    value = theta * float(u.double().mean() + v.double().mean())
+    u32, v32, it32, err32 = reference_solve(C64.float(), theta, max_iter=max_iter, tol=tol, dtype=torch.float32, **kw)
+    # float32 potentials are rounded to ulp(|u|): the plan's entries then carry a relative error of about that.
+    rounding = 4 * torch.finfo(torch.float32).eps * (1 + max(float(u.abs().max()), float(v.abs().max())))
+    checks = {
+        "finite": bool(torch.isfinite(u).all() and torch.isfinite(v).all()),
+        f"err {err:.2e} = measured {row_err:.2e}": abs(err - row_err) <= 1e-3 * row_err + rounding + 1e-6,
+        f"columns exact ({col_err:.1e})": col_err <= rounding + 1e-6,
+    }
+    converged = err <= tol
+    if same_path:
+        checks[f"sweeps {it} = fp32 loop {it32}"] = it == it32
+        if it == it32:
+            scale = 1.0 + max(float(u32.abs().max()), float(v32.abs().max()))
+            dev = max(float((u - u32).abs().max()), float((v - v32).abs().max()))
+            checks[f"potentials vs fp32 loop {dev:.1e}"] = dev <= 2e-6 * scale
+        # The float32 weight in float64 too: the same algorithm, sweep for sweep.
+        u64, v64, it64, _ = reference_solve(
+            C64,
+            theta,
+            max_iter=it if converged else max_iter,
+            tol=-1.0,
+            stop_at=it if converged else None,
+            **{"reg": REG[torch.float32], **kw},
+        )
+        value64 = theta * float(u64.mean() + v64.mean())
+        l1 = float((P - _plan(u64, v64, C64, theta)).abs().sum())
+        checks[f"fp64 same sweeps ({it64}): value rel {abs(value - value64) / max(abs(value64), 1e-12):.1e}"] = (
+            it64 == it and abs(value - value64) <= 1e-5 * abs(value64) + 1e-7
+        )
+        checks[f"fp64 same sweeps: plan L1 {l1:.1e}"] = l1 <= 1e-5
+    else:
+        # Not the same count: near float32's floor the extrapolation works on rounding noise and the paths part.
+        checks[f"sweeps {it} <= 2 x fp32 loop {it32} + 10"] = it <= 2 * it32 + 10
+        if converged:
+            value_star, f_star = exact_solution(C64, theta)
+            dval, bound = abs(value - value_star), value_gap_bound(err, theta * u.double(), f_star)
+            checks[f"value to exact {dval:.1e} <= {bound:.1e}"] = dval <= bound + 2e-6 * (1 + abs(value_star))
+        else:
+            checks[f"unconverged err {err:.2e} vs fp32 loop {err32:.2e}"] = err <= 1.5 * err32 + 1e-6
+    failed = [k for k, ok in checks.items() if not ok]
+    return not failed, "; ".join(checks) if not failed else "FAILED: " + "; ".join(failed)

@@ -38,9 +38,20 @@ from .._checks import GOTConvergenceWarning, check_choice, ot_dtype
 from .lse import RowLSE, exp_plan, row_lse, triton_failed, triton_module
 from .result import OTResult, marginal_error
 
-# Over-relaxation (see sinkhorn_log): plain sweeps first, the error checked every few sweeps, and a
-# permanent fall-back to plain Sinkhorn if the error stops improving.
-RELAX_AFTER, CHECK_EVERY, PATIENCE = 10, 5, 10
+# Anderson acceleration of the Sinkhorn map (see _accelerated_sweeps): the number of past differences it
+# extrapolates from, and the Tikhonov weight of its least squares relative to the trace of their Gram matrix,
+# per dtype. The weight damps exactly the slow directions that the extrapolation is for, so it is small,
+# but not below what the precision resolves: float32 at 1e-7 and float64 at 1e-10 take erratic paths (the
+# Gram matrix is near singular; some masked problems then need 10⁴ sweeps), and float64 at 1e-4 stalls
+# near an error of 1e-8 (tests/solvers/test_triton.py, tests/fused_reference.py).
+ANDERSON = 8
+ANDERSON_REG = {torch.float32: 1e-4, torch.float64: 1e-7}
+# Sweeps without a new best error after which the acceleration is switched off for good: plain Sinkhorn
+# converges from anywhere, restarted Anderson can circle (seen in float32 near its rounding floor).
+PATIENCE = 50
+# Sweeps per stopping test of the torch loop (on CUDA a host read; on CPU a few small operators, which cost
+# more than the sweeps they can save). The fused kernel tests every sweep: it costs nothing there.
+CHECK_EVERY = 5
 
 
 def _masked(cost: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -70,52 +81,108 @@ def _anneal(
     return g, it
 
 
-def _relaxed_sweeps(
-    rows: RowLSE, cols: RowLSE, v: torch.Tensor, theta: float, it: int, max_iter: int, tol: float, relax: float
+class _Anderson:
+    r"""Type-II Anderson acceleration of a fixed-point map T, on the device (no host read).
+
+    Given the iterate x_k and its residual r_k = T(x_k) − x_k, with ΔX, ΔF (memory × n) holding the last
+    differences x_j − x_{j−1}, r_j − r_{j−1}, the next iterate is
+
+        x_{k+1} = x_k + r_k − (ΔX + ΔF)ᵀ γ,   γ = argmin_γ ‖r_k − ΔFᵀγ‖² + λ‖γ‖²,  λ = ``reg`` · tr(ΔF ΔFᵀ)
+
+    (Walker & Ni, "Anderson acceleration for fixed-point iterations", SIAM J. Numer. Anal. 2011), i.e. the
+    extrapolation from past iterates that the residuals say cancels best. Safeguard: when ‖r_k‖ grows,
+    the history is dropped and the step is the plain x + r (restarted Anderson); a non-finite γ counts
+    as 0. Slots fill round-robin, so the slot of step k is known on the host; which slots are valid is a
+    device vector of 0/1 weights.
+    """
+
+    def __init__(self, x: torch.Tensor, memory: int, reg: float) -> None:
+        self.dXF = x.new_zeros(memory, x.numel())  # ΔX + ΔF, what the step combines
+        self.dF = x.new_zeros(memory, x.numel())
+        self.w = x.new_zeros(memory)  # 1 on valid slots, 0 on empty ones
+        self.reg, self.tiny = reg, torch.finfo(x.dtype).tiny
+        self.k = 0
+        self.xr_prev = self.r_prev = x
+        self.rn_prev = x.new_full((), math.inf)
+
+    def step(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        rn = torch.dot(r, r)
+        xr = x + r  # the plain step T(x)
+        if self.k > 0:
+            slot = (self.k - 1) % len(self.w)
+            torch.sub(xr, self.xr_prev, out=self.dXF[slot])
+            torch.sub(r, self.r_prev, out=self.dF[slot])
+            self.w[slot] = 1.0
+        self.w.mul_(rn <= self.rn_prev)  # restart when the residual grew
+        self.xr_prev, self.r_prev, self.rn_prev = xr, r, rn
+        self.k += 1
+        F = self.dF * self.w[:, None]
+        G = F @ F.T
+        # Empty slots get a unit diagonal (so γ = 0 there), valid ones the Tikhonov weight, added on its own:
+        # inside 1 + λ it would round away whenever λ < eps.
+        lam = torch.trace(G) * self.reg + self.tiny
+        G.diagonal().add_(1.0 - self.w).add_(lam)
+        # G is symmetric positive definite: Cholesky and two triangular solves, none of which reads its status
+        # on the host (cholesky_ex does not check; a failure in rounding gives a non-finite γ, taken as 0).
+        L = torch.linalg.cholesky_ex(G).L
+        y = torch.linalg.solve_triangular(L, (F @ r)[:, None], upper=False)
+        gamma = torch.linalg.solve_triangular(L.mT, y, upper=True)[:, 0].nan_to_num_(0.0, 0.0, 0.0)
+        return torch.addmv(xr, self.dXF.T, gamma, alpha=-1.0)
+
+
+def _accelerated_sweeps(
+    rows: RowLSE,
+    cols: RowLSE,
+    v: torch.Tensor,
+    theta: float,
+    it: int,
+    max_iter: int,
+    tol: float,
+    anderson: int,
+    check_every: int,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    r"""Over-relaxed Sinkhorn at θ on the scaled potentials u = f/θ, v = g/θ, until the row error is ≤ tol.
+    r"""Sinkhorn at θ on the scaled potentials u = f/θ, v = g/θ, Anderson-accelerated, until the row error is ≤ tol.
 
-    The maps are v_j ← −log Σ_i a_i exp(u_i − C_ij/θ) and u_i ← −log Σ_j b_j exp(v_j − C_ij/θ), applied
-    as x ← x + ω (map(x) − x) with ω = ``relax`` ∈ (0, 2) after the first RELAX_AFTER plain sweeps
-    (Thibault et al., "Overrelaxed Sinkhorn-Knopp algorithm for regularized optimal transport", 2021;
-    Lehmann et al., "A note on overrelaxation in the Sinkhorn algorithm", 2022): locally convergent,
-    and much faster where plain Sinkhorn crawls, as in GOT without label matching, whose clean and
-    adversarial class blocks are coupled only through costs ≫ θ (``benchmarks/bench_relaxation.py``).
+    One sweep is the column map v_j = −log Σ_i a_i exp(u_i − C_ij/θ), after which the plan's columns sum
+    to b, then the row map T(u)_i = −log Σ_j b_j exp(v_j − C_ij/θ). Plain Sinkhorn is u ← T(u); here u
+    moves by :class:`_Anderson` with ``anderson`` past differences (0: plain). GOT without label matching
+    is where this matters: its clean and adversarial class blocks are coupled only through costs ≫ θ, the
+    slow modes of plain Sinkhorn are the mass balances between blocks, and a few past residuals span
+    them (``benchmarks/bench_acceleration.py``).
 
-    Every CHECK_EVERY-th sweep the v-map is applied exactly, so the columns of the current plan sum
-    to b, and its row error ‖P·1 − a‖₁ = mean_i |expm1(u_i + lse_i + log b)|, which comes free from the
-    next u-map's log-sum-exp, is read on the host: the only synchronisation, once per CHECK_EVERY
-    sweeps. If it has not improved for PATIENCE checks, ω falls back to 1 (globally convergent) for good.
+    u is shifted to mean 0 after every update. T commutes with constants (T(u + c) = T(u) + c, and v − c
+    gives the same plan), so the residuals, plans and errors are those of the unshifted iteration; but
+    the extrapolation, to which constant shifts are invisible, would otherwise let |u| drift to
+    thousands, where float32 cannot resolve an error of 1e-4.
+
+    Every ``check_every``-th sweep the row error ‖P·1 − a‖₁ = mean_i |expm1(u_i + lse_i + log b)|, which
+    comes free from the row map's log-sum-exp, is read on the host: the only synchronisation. (Its
+    argument is minus the residual T(u) − u, so one tensor serves both.) If it has not reached a new
+    best for PATIENCE sweeps, the acceleration is off for good (plain Sinkhorn converges from anywhere).
     Returns u, v (columns exact) and the sweep count.
     """
     B, Bp = rows.A.shape
     log_a, log_b = -math.log(B), -math.log(Bp)
     s = -1.0 / theta
     u = -rows(v, s) - log_b
-    omega, best, stalled = 1.0, math.inf, 0
-    exact = True
+    u = u - u.mean()
+    accel = _Anderson(u, anderson, ANDERSON_REG[u.dtype]) if anderson > 0 else None
+    best, it_best = math.inf, it
     for k in range(max_iter - it):
-        if k == RELAX_AFTER:
-            omega = relax
-        check = k % CHECK_EVERY == 0
-        exact = omega == 1.0 or check
-        v_map = -cols(u, s) - log_a
-        v = v_map if exact else v + omega * (v_map - v)
+        v = -cols(u, s) - log_a
         it += 1
-        lse_row = rows(v, s)
-        if check:
-            err = float(torch.expm1(u + lse_row + log_b).abs().mean())
+        t = rows(v, s).add_(u).add_(log_b)  # u_i + lse_i + log b = −(T(u) − u)_i
+        if k % check_every == 0:
+            err = float(torch.expm1(t).abs_().mean())
             if err <= tol:
                 return u, v, it
             if err < best:
-                best, stalled = err, 0
-            else:
-                stalled += 1
-                if stalled > PATIENCE:
-                    omega = relax = 1.0
-        u_map = -lse_row - log_b
-        u = u_map if omega == 1.0 else u + omega * (u_map - u)
-    # max_iter ran out: u moved after the last v-map (relaxed or not), so make the columns exact again.
+                best, it_best = err, it
+            elif it - it_best >= PATIENCE:
+                accel = None
+        u = u - t if accel is None else accel.step(u, t.neg_())
+        u = u - u.mean()
+    # max_iter ran out after a row update: make the columns exact again.
     v = -cols(u, s) - log_a
     return u, v, it
 
@@ -152,24 +219,28 @@ def sinkhorn_log(
     *,
     max_iter: int = 1000,
     tol: float = 1e-3,
-    scaling: float = 0.8,
-    relax: float = 1.8,
+    scaling: float = 0.7,
+    anderson: int = ANDERSON,
     init_g: torch.Tensor | None = None,
 ) -> OTResult:
-    r"""Log-domain Sinkhorn for (1): ε-scaling (:func:`_anneal`), then over-relaxed sweeps at θ
-    (:func:`_relaxed_sweeps`) until the L1 marginal error is ≤ ``tol``, then the plan (:func:`_result`).
+    r"""Log-domain Sinkhorn for (1): ε-scaling (:func:`_anneal`), then Anderson-accelerated sweeps at θ
+    (:func:`_accelerated_sweeps`) until the L1 marginal error is ≤ ``tol``, then the plan (:func:`_result`).
 
     ``init_g`` (a column potential in cost units, e.g. from another solver) replaces the annealing.
-    ``relax=1`` is plain Sinkhorn throughout. On CUDA, float32, B, B' ≤ 256 and with Triton installed,
-    the same stages run in one fused kernel launch (:func:`got_reg.solvers._triton.sinkhorn_fused`).
+    ``anderson`` is the number of past differences the acceleration uses; 0 is plain Sinkhorn. On CUDA,
+    float32, B, B' ≤ 256 and with Triton installed, the same stages run in one fused kernel launch
+    (:func:`got_reg.solvers._triton.sinkhorn_fused`), which tests the error every sweep instead of every
+    ``CHECK_EVERY``-th.
     """
-    if not 0.0 < relax < 2.0:
-        raise ValueError(f"relax must be in (0, 2) (over-relaxation factor; 1 = plain Sinkhorn), got {relax}")
+    if not (isinstance(anderson, int) and 0 <= anderson <= 16):
+        raise ValueError(f"anderson must be an int in [0, 16] (past differences; 0 = plain Sinkhorn), got {anderson!r}")
+    if not 0.0 < scaling < 1.0:
+        raise ValueError(f"scaling must be in (0, 1) (ε-scaling factor), got {scaling}")
     C = _masked(cost, mask)
     tri = triton_module() if init_g is None and C.is_cuda else None
     if tri is not None and tri.fused_supported(C):
         try:
-            return _fused_result(tri, C, theta, max_iter, tol, scaling=scaling, relax=relax)
+            return _fused_result(tri, C, theta, max_iter, tol, scaling=scaling, anderson=anderson)
         except Exception as exc:  # noqa: BLE001 - any kernel failure falls back to the torch loop
             triton_failed(exc)
     rows, cols = row_lse(C), row_lse(C.T.contiguous())
@@ -177,7 +248,7 @@ def sinkhorn_log(
         g, it = _anneal(rows, cols, C, theta, scaling, max_iter)
     else:
         g, it = init_g.to(C), 0
-    u, v, it = _relaxed_sweeps(rows, cols, g / theta, theta, it, max_iter, tol, relax)
+    u, v, it = _accelerated_sweeps(rows, cols, g / theta, theta, it, max_iter, tol, anderson, CHECK_EVERY)
     return _result(C, u, v, theta, it, tol)
 
 
@@ -239,7 +310,7 @@ class TorchSinkhorn(SinkhornBackend):
         return super().solve_many(costs, theta, mask, max_iter=max_iter, tol=tol)
 
 
-def _fused_result(tri: Any, C: torch.Tensor, theta: float, max_iter: int, tol: float, **kw: float) -> OTResult:
+def _fused_result(tri: Any, C: torch.Tensor, theta: float, max_iter: int, tol: float, **kw: Any) -> OTResult:
     """The solve of a masked (B, B') cost, or of each problem of a (k, B, B') stack, in one launch of the
     fused kernel, which also writes the plans, values and marginal errors (:func:`_result`'s fields)."""
     u, v, it, _, plan, value, err = tri.sinkhorn_fused(C, theta, max_iter=max_iter, tol=tol, with_plan=True, **kw)

@@ -1,5 +1,5 @@
 """benchmarks/: `gpu_check.sh --device cpu --quick` runs every step and writes tables with the expected rows and
-numbers that parse, and bench_relaxation's quick mode runs. No timing is asserted: what a shared CPU measures
+numbers that parse, and bench_acceleration's quick mode runs. No timing is asserted: what a shared CPU measures
 says nothing about the targets (those are read off the GPU tables, benchmarks/README.md).
 """
 
@@ -144,21 +144,22 @@ def test_overhead_tables(gpu_check):
     assert all(c[col] == "n/a" for c in body)
 
 
-def test_relaxation_quick(tmp_path):
+def test_acceleration_quick(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_relaxation", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks.bench_acceleration", "--quick", "--out", str(tmp_path)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    rows = json.loads((tmp_path / "relaxation_cpu_quick.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "acceleration_cpu_quick.json").read_text())["rows"]
     assert {r["mask"] for r in rows} == {False, True}
-    # the relaxed solve meets the tolerance, and agrees with plain Sinkhorn where that converged too
-    assert all(r["err_relax"] <= 1e-3 for r in rows)
+    assert {r["problem"] for r in rows} == {"cross", "clean-clean", "adv-adv"}
+    # the accelerated solve meets the tolerance, and agrees with plain Sinkhorn where that converged too
+    assert all(r["err_aa"] <= 1e-3 for r in rows)
     assert all(r["value_diff"] < 1e-3 for r in rows if r["err_plain"] <= 1e-3)
-    assert (tmp_path / "relaxation_cpu_quick.md").read_text().startswith("# ")
+    assert (tmp_path / "acceleration_cpu_quick.md").read_text().startswith("# ")
 
 
 def test_calibration_picks_the_loosest_setting_within_the_target():

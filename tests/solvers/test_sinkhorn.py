@@ -115,21 +115,26 @@ def test_small_theta_and_large_costs_in_fp32(theta):
 
 def test_fp32_costs_of_a_thousand_do_not_overflow_and_warn_when_unconverged():
     C = random_cost(32, seed=10, dtype=torch.float32) * 200  # costs up to ~1e3 at θ = 0.1
-    # ~400 sweeps reach tol here, so 300 cannot (rounding in the cost decides the exact count).
+    # 412 sweeps reach tol here, so 300 cannot (rounding in the cost decides the exact count).
     with pytest.warns(GOTConvergenceWarning, match=r"Sinkhorn \(torch\) stopped with marginal error"):
         res = solve_sinkhorn(C, 0.1, max_iter=300)
     exact = ot.emd2(np.full(32, 1 / 32), np.full(32, 1 / 32), C.double().numpy())
-    assert exact - 1e-3 * exact <= float(res.value) <= exact + 0.1 * math.log(32**2)
+    # exact ≤ W_θ ≤ exact + θ log B²; the value of an unconverged solve (exact columns, row error err) is
+    # below W_θ by at most err · (osc f + osc f*) / 2 (tests/fused_reference.value_gap_bound), and
+    # osc f* ≤ max C − min C, f* being a soft c-transform of the optimal column potential.
+    f = res.potentials[0].double()
+    gap = float(res.marginal_error) * (float(f.max() - f.min()) + float(C.max() - C.min())) / 2
+    assert exact - gap <= float(res.value) <= exact + 0.1 * math.log(32**2)
     assert plan_error(res.plan) == pytest.approx(float(res.marginal_error), rel=1e-3)
-    assert float(res.marginal_error) < 1e-2  # close to tol, not diverged
+    assert torch.isfinite(res.plan).all() and torch.isfinite(res.potentials[0]).all()  # no overflow
 
 
-def test_over_relaxation_gives_the_reference_answer_in_fewer_sweeps():
+def test_anderson_gives_the_reference_answer_in_fewer_sweeps():
     """Near-diagonal (adversarial-like) plans: plain Sinkhorn's error decays like 1/k there."""
     C = random_cost(32, seed=5, adversarial=True)
     ref = newton_ot(C, 0.1)
-    plain = sinkhorn.sinkhorn_log(C, 0.1, tol=1e-5, max_iter=100000, relax=1.0)
-    fast = sinkhorn.sinkhorn_log(C, 0.1, tol=1e-5, max_iter=100000, relax=1.8)
+    plain = sinkhorn.sinkhorn_log(C, 0.1, tol=1e-5, max_iter=100000, anderson=0)
+    fast = sinkhorn.sinkhorn_log(C, 0.1, tol=1e-5, max_iter=100000)
     for res in (plain, fast):  # the stopping claim, checked on the returned plan itself
         assert bool(res.converged) and plan_error(res.plan) <= 1e-5 * (1 + 1e-6)
         torch.testing.assert_close(res.plan.sum(0), torch.full((32,), 1 / 32, dtype=torch.float64))
@@ -138,27 +143,58 @@ def test_over_relaxation_gives_the_reference_answer_in_fewer_sweeps():
     assert int(fast.iterations) * 3 < int(plain.iterations), (fast.iterations, plain.iterations)
 
 
-def test_over_relaxation_falls_back_to_plain_sinkhorn_when_the_error_stalls(monkeypatch):
-    """ω = 1.99 from the first sweep is barely convergent here (861 sweeps); with no patience the first
-    check that does not improve switches to ω = 1 for good, which then converges faster (236 sweeps)."""
+def test_anderson_step_is_the_least_squares_extrapolation():
+    """_Anderson.step against its definition (Walker & Ni 2011, type II) written out with a dense
+    least-squares solve: the ring keeps the last `memory` differences, a growing residual drops them all,
+    and the step with no history is the plain x + r."""
+    g = torch.Generator().manual_seed(0)
+    n, memory, reg = 12, 3, 1e-10
+    acc = sinkhorn._Anderson(torch.zeros(n, dtype=torch.float64), memory, reg)
+    xs, rs, hist = [], [], []
+    norms = [4.0, 3.0, 2.5, 2.0, 1.5, 3.5, 1.0, 0.8, 0.5]  # the residual grows at step 5: restart there
+    for k, norm in enumerate(norms):
+        x = torch.randn(n, generator=g, dtype=torch.float64)
+        r = torch.randn(n, generator=g, dtype=torch.float64)
+        r = r * norm / r.norm()
+        if k:
+            hist = (hist + [(x - xs[-1], r - rs[-1])])[-memory:]
+        if k and norm > norms[k - 1]:
+            hist = []
+        xs.append(x)
+        rs.append(r)
+        if hist:
+            dX, dF = torch.stack([h[0] for h in hist]), torch.stack([h[1] for h in hist])
+            G = dF @ dF.T
+            gamma = torch.linalg.solve(G + (reg * G.trace() + torch.finfo(G.dtype).tiny) * torch.eye(len(hist)), dF @ r)
+            want = x + r - (dX + dF).T @ gamma
+        else:
+            want = x + r
+        torch.testing.assert_close(acc.step(x, r), want, rtol=1e-10, atol=1e-12)
+
+
+def test_anderson_argument_and_check_interval():
     C = random_cost(24, seed=3)
-    ref = newton_ot(C, 0.1)
-    monkeypatch.setattr(sinkhorn, "RELAX_AFTER", 0)
-    monkeypatch.setattr(sinkhorn, "PATIENCE", 10**9)
-    stubborn = sinkhorn.sinkhorn_log(C, 0.1, tol=1e-6, max_iter=200000, relax=1.99)
-    monkeypatch.setattr(sinkhorn, "PATIENCE", 0)
-    res = sinkhorn.sinkhorn_log(C, 0.1, tol=1e-6, max_iter=200000, relax=1.99)
-    for r in (stubborn, res):
-        assert bool(r.converged) and abs(float(r.value) - ref.value) < 1e-6
-    assert int(res.iterations) < int(stubborn.iterations)
-    assert int(res.iterations) % sinkhorn.CHECK_EVERY == 1  # it stops right after a check
-    with pytest.raises(ValueError, match=r"relax must be in \(0, 2\)"):
-        sinkhorn.sinkhorn_log(C, 0.1, relax=2.0)
+    with pytest.raises(ValueError, match=r"anderson must be an int in \[0, 16\]"):
+        sinkhorn.sinkhorn_log(C, 0.1, anderson=-1)
+    with pytest.raises(ValueError, match=r"scaling must be in \(0, 1\)"):
+        sinkhorn.sinkhorn_log(C, 0.1, scaling=1.0)
+    # The stopping test every sweep (the fused kernel's schedule) or every CHECK_EVERY sweeps (the torch
+    # loop's): the same iterates, so the sparse test stops on the first check at or after the other.
+    rows, cols = sinkhorn.row_lse(C), sinkhorn.row_lse(C.T.contiguous())
+    g, n_anneal = sinkhorn._anneal(rows, cols, C, 0.1, 0.7, 1000)
+    counts = {
+        k: sinkhorn._accelerated_sweeps(rows, cols, g / 0.1, 0.1, n_anneal, 1000, 1e-6, 8, k)[2]
+        for k in (1, sinkhorn.CHECK_EVERY)
+    }
+    every, sparse = counts[1], counts[sinkhorn.CHECK_EVERY]
+    assert (sparse - n_anneal - 1) % sinkhorn.CHECK_EVERY == 0
+    assert every <= sparse < every + sinkhorn.CHECK_EVERY
+    assert int(sinkhorn.sinkhorn_log(C, 0.1, tol=1e-6).iterations) == sparse
 
 
-@pytest.mark.parametrize("max_iter", [3, 8, 40, 57])  # inside the ε-annealing, after it, on exact and relaxed sweeps
-@pytest.mark.parametrize("relax", [1.0, 1.8])
-def test_an_unconverged_solve_has_exact_columns_and_its_value_is_a_lower_bound(max_iter, relax):
+@pytest.mark.parametrize("max_iter", [3, 8, 30, 57])  # inside the ε-annealing, after it, accelerated sweeps
+@pytest.mark.parametrize("anderson", [0, 8])
+def test_an_unconverged_solve_has_exact_columns_and_its_value_is_a_lower_bound(max_iter, anderson):
     """Stopped by max_iter, the result is still the semi-dual at its own row potential f: columns of the
     plan exact, value = S_θ(f) ≤ W_θ (weak duality). (Regression: the last u-update used to leave the
     columns off by up to 0.4 in L1 and the value unrelated to S_θ(f).)"""
@@ -166,7 +202,7 @@ def test_an_unconverged_solve_has_exact_columns_and_its_value_is_a_lower_bound(m
 
     C = random_cost(32, seed=5, adversarial=True)
     ref = newton_ot(C, 0.1)
-    res = sinkhorn.sinkhorn_log(C, 0.1, max_iter=max_iter, tol=1e-12, relax=relax)
+    res = sinkhorn.sinkhorn_log(C, 0.1, max_iter=max_iter, tol=1e-12, anderson=anderson)
     assert not bool(res.converged) and int(res.iterations) == max_iter
     torch.testing.assert_close(res.plan.sum(0), torch.full((32,), 1 / 32, dtype=torch.float64), atol=1e-14, rtol=0)
     f = res.potentials[0]
