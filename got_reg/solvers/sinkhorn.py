@@ -41,9 +41,9 @@ from .result import OTResult, marginal_error
 # Anderson acceleration of the Sinkhorn map (see _accelerated_sweeps): the number of past differences it
 # extrapolates from, and the Tikhonov weight of its least squares relative to the trace of their Gram matrix,
 # per dtype. The weight damps exactly the slow directions that the extrapolation is for, so it is small,
-# but not below what the precision resolves: float32 at 1e-7 and float64 at 1e-10 take erratic paths (the
-# Gram matrix is near singular; some masked problems then need 10⁴ sweeps), and float64 at 1e-4 stalls
-# near an error of 1e-8 (tests/solvers/test_triton.py, tests/fused_reference.py).
+# but not below what the precision resolves: in float64, 1e-10 took erratic paths on a near-singular Gram
+# matrix (a masked 32 × 32 problem of tests/solvers/test_triton.py missed 1e-5 after 5·10⁴ sweeps) and 1e-4
+# stalled near an error of 1e-8; in float32, 1e-4 and 1e-6 gave the same sweep counts on GOT's costs.
 ANDERSON = 8
 ANDERSON_REG = {torch.float32: 1e-4, torch.float64: 1e-7}
 # Sweeps without a new best error after which the acceleration is switched off for good: plain Sinkhorn
