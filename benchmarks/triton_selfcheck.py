@@ -48,7 +48,7 @@ def say(*a):
 
 # The eager reference loop and the problems, shared with tests/solvers/test_triton.py (independent of got_reg).
 sys.path.insert(0, str(ROOT / "tests"))
-from fused_reference import annealing_sweeps, block_cost, got_cost, judge_fused, reference_solve  # noqa: E402
+from fused_reference import annealing_sweeps, block_cost, got_cost, judge_fused, plan, reference_solve  # noqa: E402
 
 # ------------------------------------------------------------------------------------ checks
 
@@ -74,8 +74,7 @@ def check_fused(T, device, C64, theta, tol=1e-3, max_iter=1000, num_warps=None, 
     u, v, it, err = T.sinkhorn_fused(C, theta, max_iter=max_iter, tol=tol, num_warps=num_warps, **kw)
     ok, detail = judge_fused(C64, theta, (u, v, it, err), max_iter=max_iter, tol=tol, same_path=same_path, **kw)
     n, m = C64.shape
-    C64 = C64.double().cpu()
-    P = torch.exp(u.double().cpu()[:, None] - C64 / theta + v.double().cpu()[None, :] - math.log(n) - math.log(m))
+    P = plan(u.cpu(), v.cpu(), C64.double().cpu(), theta)
     value = theta * float(u.double().mean() + v.double().mean())
     *_, Pk, value_k, merr_k = T.sinkhorn_fused(
         C, theta, max_iter=max_iter, tol=tol, num_warps=num_warps, with_plan=True, **kw

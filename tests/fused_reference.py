@@ -164,7 +164,8 @@ def label_mask(n, m):
     return labels(n)[:, None] == labels(m)[None, :]
 
 
-def _plan(u, v, C, theta):
+def plan(u, v, C, theta):
+    """P_ij = a_i b_j exp(u_i − C_ij/θ + v_j) in float64 from scaled potentials (any dtype)."""
     n, m = C.shape
     return torch.exp(u.double()[:, None] - C / theta + v.double()[None, :] - math.log(n) - math.log(m))
 
@@ -208,7 +209,7 @@ def judge_fused(C64, theta, fused, *, max_iter, tol, same_path=False, **kw):
     C64 = C64.double().cpu()
     u, v, it, err = fused[0].cpu(), fused[1].cpu(), int(fused[2]), float(fused[3])
     n, m = C64.shape
-    P = _plan(u, v, C64, theta)
+    P = plan(u, v, C64, theta)
     row_err = float((P.sum(1) * n - 1).abs().mean())
     col_err = float((P.sum(0) * m - 1).abs().mean())
     value = theta * float(u.double().mean() + v.double().mean())
@@ -237,7 +238,7 @@ def judge_fused(C64, theta, fused, *, max_iter, tol, same_path=False, **kw):
             **{"reg": REG[torch.float32], **kw},
         )
         value64 = theta * float(u64.mean() + v64.mean())
-        l1 = float((P - _plan(u64, v64, C64, theta)).abs().sum())
+        l1 = float((P - plan(u64, v64, C64, theta)).abs().sum())
         checks[f"fp64 same sweeps ({it64}): value rel {abs(value - value64) / max(abs(value64), 1e-12):.1e}"] = (
             it64 == it and abs(value - value64) <= 1e-5 * abs(value64) + 1e-7
         )

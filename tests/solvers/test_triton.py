@@ -78,11 +78,6 @@ def test_the_reference_follows_the_solver_schedule():
     assert defaults(reference_solve, "patience") == (T.PATIENCE,) == (sinkhorn.PATIENCE,)
 
 
-def plan(u, v, C, theta):
-    n, m = C.shape
-    return torch.exp(u.double()[:, None] - C.double() / theta + v.double()[None, :] - math.log(n) - math.log(m))
-
-
 def run_fused(C64, theta, **kw):
     u, v, it, err = T.sinkhorn_fused(C64.float().to(DEVICE), theta, **kw)
     assert u.shape == C64.shape[:1] and v.shape == C64.shape[1:]
