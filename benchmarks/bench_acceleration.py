@@ -29,10 +29,12 @@ from benchmarks._common import (
     fmt,
     load,
     md_table,
+    median,
     mnist_or_random,
     pretrain,
     set_threads,
     smallcnn,
+    time_calls,
     time_once,
     write_outputs,
 )
@@ -40,6 +42,7 @@ from examples.attacks import trades_kl_attack
 from got_reg import FeatureCapture, GOTConvergenceWarning
 from got_reg.functional import joint_cost, label_mask
 from got_reg.solvers import sinkhorn_log
+from got_reg.solvers.lse import triton_module
 
 TOL, THETA, MAX_ITER = 1e-3, 0.1, 1000  # the library's defaults
 
@@ -55,6 +58,25 @@ def timed_solve(C: torch.Tensor, mask, anderson: int, device: torch.device):
     return out["res"], ms
 
 
+def call_solver(costs: torch.Tensor, mask, anderson: int):
+    """A function running the three solves of one GOT call, returning their largest sweep count (a tensor)."""
+    tri = triton_module() if costs.is_cuda else None
+    C = costs if mask is None else costs.masked_fill(~mask, float("inf"))
+    if tri is not None and tri.fused_supported(C):
+
+        def fused() -> torch.Tensor:
+            out = tri.sinkhorn_fused(C, THETA, max_iter=MAX_ITER, tol=TOL, anderson=anderson, with_plan=True)
+            return out[2].max()
+
+        return fused, "fused launch"
+
+    def loop() -> torch.Tensor:
+        its = [sinkhorn_log(c, THETA, mask, tol=TOL, max_iter=MAX_ITER, anderson=anderson).iterations for c in costs]
+        return torch.stack(its).max()
+
+    return loop, "3 × sinkhorn_log"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -62,13 +84,15 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[128, 512])
     p.add_argument("--batches", type=int, default=5, help="test batches per batch size")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--anderson", type=int, nargs="+", default=[8, 4, 0], help="memories timed per GOT call (0 = plain)")
+    p.add_argument("--repeats", type=int, default=20, help="timed calls per GOT call and memory")
     p.add_argument("--data-dir", default=None, help="MNIST idx files (default: ../shared/data/mnist)")
     p.add_argument("--pretrain-steps", type=int, default=300)
     p.add_argument("--out", default="benchmarks/results", help="folder for NAME.md and NAME.json")
     p.add_argument("--name", default=None, help="file name (default: acceleration_cpu / _gpu, _quick with --quick)")
     a = p.parse_args(argv)
     if a.quick:
-        a.batch, a.batches, a.pretrain_steps, a.threads = [32], 1, 5, a.threads or 1
+        a.batch, a.batches, a.pretrain_steps, a.threads, a.repeats = [32], 1, 5, a.threads or 1, 2
     device = torch.device(a.device)
     kind = "acceleration_gpu" if device.type == "cuda" else "acceleration_cpu"
     name = a.name or kind + ("_quick" if a.quick else "")
@@ -81,6 +105,7 @@ def main(argv=None) -> int:
     pretrain(model, xtr, ytr, a.pretrain_steps, device)
     model.eval()
     rows: list[dict[str, Any]] = []
+    calls: list[dict[str, Any]] = []
     with FeatureCapture(model, layer) as capture:
         for B in a.batch:
             for k in range(a.batches):
@@ -115,9 +140,17 @@ def main(argv=None) -> int:
                         )
                     )
                     print(rows[-1], flush=True)
+                stack = torch.stack(list(costs.values()))
+                for masked, mask in ((False, None), (True, label_mask(y))):
+                    for m in a.anderson:
+                        fn, how = call_solver(stack, mask, m)
+                        sweeps = fn()
+                        ms = median(time_calls(fn, device, a.repeats, warmup=1, budget_s=1.0))
+                        calls.append(dict(B=B, batch=k, mask=masked, anderson=m, how=how, sweeps=int(sweeps), ms=ms))
+                        print(calls[-1], flush=True)
     env["load_end"] = load()
-    md = render(a, env, data, rows)
-    path = write_outputs(a.out, name, md, dict(env=env, args=vars(a), data=data, rows=rows))
+    md = render(a, env, data, rows, calls)
+    path = write_outputs(a.out, name, md, dict(env=env, args=vars(a), data=data, rows=rows, calls=calls))
     print("\n".join(md))
     print(f"wrote {path}")
     return 0
@@ -126,7 +159,7 @@ def main(argv=None) -> int:
 PROBLEMS = ("cross", "clean-clean", "adv-adv")
 
 
-def render(a, env, data: str, rows: list[dict[str, Any]]) -> list[str]:
+def render(a, env, data: str, rows: list[dict[str, Any]], calls: list[dict[str, Any]]) -> list[str]:
     L = [
         "# Anderson-accelerated vs plain Sinkhorn on a trained SmallCNN's GOT costs\n",
         f"Machine: {describe(env)}.\n",
@@ -202,6 +235,30 @@ def render(a, env, data: str, rows: list[dict[str, Any]]) -> list[str]:
                 ]
             )
     L += md_table(["B", "method", "sweeps anderson=8", "sweeps plain"], body)
+    L.append(
+        f"\n## Per GOT call, timed: its three solves for each memory (median of up to {a.repeats} calls per batch, "
+        "fewer once they took a second, then the "
+        f"median [max] over the {a.batches} batches; sweeps: the largest of the three counts)\n"
+    )
+    body = []
+    for B in a.batch:
+        for masked, method in ((False, "GOT-S"), (True, "GOT-LM")):
+            for m in a.anderson:
+                sel = [c for c in calls if c["B"] == B and c["mask"] == masked and c["anderson"] == m]
+                if not sel:
+                    continue
+                sw, ms = [c["sweeps"] for c in sel], [c["ms"] for c in sel]
+                body.append(
+                    [
+                        B,
+                        method,
+                        m,
+                        sel[0]["how"],
+                        f"{statistics.median(sw):.0f} [{max(sw)}]",
+                        f"{statistics.median(ms):.3f} [{max(ms):.3f}]",
+                    ]
+                )
+    L += md_table(["B", "method", "anderson", "runs as", "sweeps", "ms"], body)
     return L
 
 

@@ -17,25 +17,29 @@
 #
 # Writes to OUTDIR: gpu_check.md (environment and each step's exit code and time), gpu_check.log (everything
 # printed, the Triton self-check's report included), solvers_<gpu|cpu>[_quick].{md,json},
-# overhead_<gpu|cpu>[_quick].{md,json}, launches_<gpu|cpu>[_quick].{md,json} and epoch_<gpu|cpu>.{md,json}: 10
-# files (the device returns at most 8: put OUTDIR outside its $OUT and --tar into it). Exit status 0 if every step
+# overhead_<gpu|cpu>[_quick].{md,json}, launches_<gpu|cpu>[_quick].{md,json}, acceleration_<gpu|cpu>[_quick].{md,json}
+# and epoch_<gpu|cpu>.{md,json}: 12 files (the device returns at most 8: put OUTDIR outside its $OUT and --tar into it). Exit status 0 if every step
 # exited 0, else 1 (after all steps).
 #
 # Time budget on one GPU (full run, at most 8 minutes = 480 s; each step's limit includes its Python start,
 # CUDA initialisation and Triton compilation; each can be changed from the environment, e.g. T_SOLVERS=120):
 #   wheels       10 s  (two local wheels install in seconds; 2 s measured)
-#   self-check   60 s  (compiles and checks each Triton kernel at sizes up to 8192², then times them; 49 s)
-#   cuda tests   60 s  (pytest: tests/test_graphs.py and the CUDA cases of tests/solvers/test_sinkhorn.py)
-#   solver grid 110 s  hard limit; --time-limit 80 inside: after it only the default's and the reference rows
+#   self-check   75 s  (compiles and checks each Triton kernel at sizes up to 8192², then times them; 49 s before
+#                      Anderson acceleration, over 60 s after with 1000-sweep timings, which are now ≤ 200)
+#   cuda tests   40 s  (pytest: tests/test_graphs.py and the CUDA cases of tests/solvers/test_sinkhorn.py; 20 s)
+#   solver grid  95 s  hard limit; --time-limit 70 inside: after it only the default's and the reference rows
 #                      run, and the tables are rewritten after every problem, so a problem cut off by the hard
 #                      limit loses only itself. B = 8192 dominates (float64 Newton reference a few seconds; POT
-#                      and GeomLoss calibration and repeats ≤ --budget 2 s per call); 92 s measured on an H100.
+#                      and GeomLoss calibration and repeats ≤ --budget 2 s per call); 92-100 s measured on an H100.
 #   overhead     80 s  hard limit; --time-limit 45 inside (no new round or batch size after): 300 pretraining
 #                      steps, then 7 variants × (2 + 31) steps at B = 128 and 7 × (2 + 21) at B = 512.
-#   launches     30 s  kernel and host-read counts on the CUDA path, and 50 timed calls per variant at B = 16, 128.
-#   epoch       110 s  one MNIST epoch of TRADES, GOT-LM and GOT-LM with cuda_graphs, alone and 4 runs sharing
-#                      the GPU (56 s measured without the cuda_graphs runs).
-#   total       460 s of limits, + at most 20 s for the environment report.
+#   launches     25 s  kernel and host-read counts on the CUDA path, and 50 timed calls per variant at B = 16, 128.
+#   acceleration 45 s  the three solves of a GOT call timed with Anderson memories 8, 4 and 0 on a trained
+#                      SmallCNN's costs, 2 batches (bench_acceleration; B = 128: one fused launch; 512: the
+#                      torch loop).
+#   epoch        95 s  one MNIST epoch (20000 points) of TRADES, GOT-LM and GOT-LM with cuda_graphs, alone and 4
+#                      runs sharing the GPU (121-138 s measured at 30000 points).
+#   total       465 s of limits, + at most 15 s for the environment report: 8 minutes (ONLY= for a short lease).
 # ONLY="step ..." runs only the named steps (e.g. ONLY="cuda_tests overhead" for a short lease).
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd) || exit 2
@@ -82,13 +86,14 @@ export PYTHONUNBUFFERED=1
 
 if [ ${#QUICK[@]} -gt 0 ]; then
     # CPU smoke runs on a shared machine: generous limits, no soft limits (the test checks every row).
-    T_ENV=120 T_WHEELS=60 T_SELFCHECK=300 T_TESTS=300 T_SOLVERS=600 T_OVERHEAD=600 T_LAUNCHES=300 T_EPOCH=900
+    T_ENV=120 T_WHEELS=60 T_SELFCHECK=300 T_TESTS=300 T_SOLVERS=600 T_OVERHEAD=600 T_LAUNCHES=300 T_ACCEL=600 T_EPOCH=900
     SOLVER_LIMIT=() OVERHEAD_LIMIT=()
 else
     # Each limit can be lowered from the environment to fit a shorter lease (e.g. T_SOLVERS=120 SOFT_SOLVERS=90).
-    T_ENV=${T_ENV:-20} T_WHEELS=${T_WHEELS:-10} T_SELFCHECK=${T_SELFCHECK:-60} T_TESTS=${T_TESTS:-60}
-    T_SOLVERS=${T_SOLVERS:-110} T_OVERHEAD=${T_OVERHEAD:-80} T_LAUNCHES=${T_LAUNCHES:-30} T_EPOCH=${T_EPOCH:-110}
-    SOLVER_LIMIT=(--time-limit "${SOFT_SOLVERS:-80}") OVERHEAD_LIMIT=(--time-limit "${SOFT_OVERHEAD:-45}")
+    T_ENV=${T_ENV:-15} T_WHEELS=${T_WHEELS:-10} T_SELFCHECK=${T_SELFCHECK:-75} T_TESTS=${T_TESTS:-40}
+    T_SOLVERS=${T_SOLVERS:-95} T_OVERHEAD=${T_OVERHEAD:-80} T_LAUNCHES=${T_LAUNCHES:-25} T_ACCEL=${T_ACCEL:-45}
+    T_EPOCH=${T_EPOCH:-95}
+    SOLVER_LIMIT=(--time-limit "${SOFT_SOLVERS:-70}") OVERHEAD_LIMIT=(--time-limit "${SOFT_OVERHEAD:-45}")
 fi
 [ "$DEVICE" = cpu ] && KIND=cpu || KIND=gpu
 SUFFIX=${QUICK:+_quick}
@@ -98,7 +103,7 @@ failed=0
     echo "# gpu_check: $(date -u '+%Y-%m-%d %H:%M:%S UTC'), device $DEVICE${QUICK:+, --quick}"
     echo
     echo "Interpreter: $PYTHON. Tables: solvers_${KIND}${SUFFIX}.md, overhead_${KIND}${SUFFIX}.md, launches_${KIND}${SUFFIX}.md,"
-    echo "epoch_${KIND}.md (+ .json); all output:"
+    echo "acceleration_${KIND}${SUFFIX}.md, epoch_${KIND}.md (+ .json); all output:"
     echo "gpu_check.log."
     echo
 } >"$STATUS"
@@ -190,8 +195,12 @@ step solvers "$T_SOLVERS" "$PYTHON" -m benchmarks.bench_solvers --device "$DEVIC
 step overhead "$T_OVERHEAD" "$PYTHON" -m benchmarks.bench_overhead --device "$DEVICE" --out "$OUTDIR" \
     "${OVERHEAD_LIMIT[@]}" "${DATA_DIR[@]}" "${QUICK[@]}"
 step launches "$T_LAUNCHES" "$PYTHON" -m benchmarks.bench_launches --device "$DEVICE" --out "$OUTDIR" "${QUICK[@]}"
+ACCEL_ARGS=(--batch 128 512 --batches 2)
+[ ${#QUICK[@]} -gt 0 ] && ACCEL_ARGS=(--quick)
+step acceleration "$T_ACCEL" "$PYTHON" -m benchmarks.bench_acceleration --device "$DEVICE" --out "$OUTDIR" \
+    "${DATA_DIR[@]}" "${ACCEL_ARGS[@]}"
 
-EPOCH_ARGS=(--train-subset "${EPOCH_POINTS:-30000}" --reps "${EPOCH_REPS:-1}")
+EPOCH_ARGS=(--train-subset "${EPOCH_POINTS:-20000}" --reps "${EPOCH_REPS:-1}")
 [ ${#QUICK[@]} -gt 0 ] && EPOCH_ARGS=(--quick --reps 1)
 [ "$DEVICE" != cpu ] && EPOCH_ARGS+=(--graphs)
 step epoch "$T_EPOCH" "$PYTHON" -m benchmarks.bench_epoch --device "$DEVICE" --out "$OUTDIR" "${DATA_DIR[@]}" \
@@ -211,6 +220,7 @@ for f in "$OUTDIR/solvers_${KIND}${SUFFIX}.md"; do
 done
 [ -f "$OUTDIR/overhead_${KIND}${SUFFIX}.md" ] && sed -n '/^| B | variant/,$p' "$OUTDIR/overhead_${KIND}${SUFFIX}.md"
 [ -f "$OUTDIR/launches_${KIND}${SUFFIX}.md" ] && sed -n '/^| call | kernels/,/^$/p' "$OUTDIR/launches_${KIND}${SUFFIX}.md"
+[ -f "$OUTDIR/acceleration_${KIND}${SUFFIX}.md" ] && sed -n '/^## Per GOT call, timed/,$p' "$OUTDIR/acceleration_${KIND}${SUFFIX}.md"
 [ -f "$OUTDIR/epoch_${KIND}.md" ] && cat "$OUTDIR/epoch_${KIND}.md"
 echo
 cat "$STATUS"

@@ -112,7 +112,9 @@ class _Anderson:
             slot = (self.k - 1) % len(self.w)
             torch.sub(xr, self.xr_prev, out=self.dXF[slot])
             torch.sub(r, self.r_prev, out=self.dF[slot])
-            self.w[slot] = 1.0
+            # fill_ launches a kernel; `self.w[slot] = 1.0` copies a host scalar, which on CUDA waits for the
+            # device: one synchronisation per sweep.
+            self.w[slot].fill_(1.0)
         self.w.mul_(rn <= self.rn_prev)  # restart when the residual grew
         self.xr_prev, self.r_prev, self.rn_prev = xr, r, rn
         self.k += 1

@@ -67,10 +67,10 @@ def test_gpu_check_runs_every_step(gpu_check):
     assert "triton_selfcheck" in status and "cuda_tests" in status  # skipped on CPU, and say so
     log = (out / "gpu_check.log").read_text()
     assert "=== solvers" in log and "=== overhead" in log
-    # A lent GPU machine returns at most 8 files: --tar packs the 10 into one.
+    # A lent GPU machine returns at most 8 files: --tar packs the 12 into one.
     with tarfile.open(tar) as t:
         packed = {Path(n).name for n in t.getnames() if n not in (".", "./")}
-    assert packed == {f.name for f in out.iterdir()} and len(packed) == 10, packed
+    assert packed == {f.name for f in out.iterdir()} and len(packed) == 12, packed
 
 
 def test_solver_tables(gpu_check):
