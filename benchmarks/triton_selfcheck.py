@@ -48,7 +48,16 @@ def say(*a):
 
 # The eager reference loop and the problems, shared with tests/solvers/test_triton.py (independent of got_reg).
 sys.path.insert(0, str(ROOT / "tests"))
-from fused_reference import annealing_sweeps, block_cost, got_cost, judge_fused, plan, reference_solve  # noqa: E402
+from fused_reference import (  # noqa: E402
+    REG,
+    anderson_steps,
+    annealing_sweeps,
+    block_cost,
+    got_cost,
+    judge_fused,
+    plan,
+    reference_solve,
+)
 
 # ------------------------------------------------------------------------------------ checks
 
@@ -88,6 +97,17 @@ def check_fused(T, device, C64, theta, tol=1e-3, max_iter=1000, num_warps=None, 
     )
     ok = ok and epilogue <= 1e-5
     return ok, f"iters {int(it)}, err {float(err):.2e}; {detail}; with_plan epilogue {epilogue:.1e} (limit 1e-5)"
+
+
+def check_anderson(T, device, n, memory):
+    """The torch loop's Anderson step in one launch (T.Anderson) against its definition written out in
+    float64 (fused_reference.anderson_steps: ring, restart, mean 0), the unit test's tolerance."""
+    acc = T.Anderson(torch.zeros(n, device=device), memory, REG[torch.float32])
+    worst = 0.0
+    for x, r, want in anderson_steps(n, memory, REG[torch.float32], seed=n + memory, dtype=torch.float32):
+        got = acc.step(x.to(device), r.to(device)).double().cpu()
+        worst = max(worst, float(((got - want).abs() / (2e-6 + 1e-5 * want.abs())).max()))
+    return worst <= 1.0, f"max |out - ref| / (2e-6 + 1e-5 |ref|) = {worst:.2f} (limit 1)"
 
 
 def run_case(results, name, fn):
@@ -172,6 +192,24 @@ def timings(T, device):
         except Exception as e:
             say(f"  ERROR timing fused at {n} (warps {warps}): {type(e).__name__}: {e}")
     try:
+        from got_reg.solvers.sinkhorn import _Anderson  # the eager step it replaces (B > 256)
+
+        for n in (512, 8192):
+            g = torch.Generator(device=device).manual_seed(0)
+            x, r = torch.randn(n, device=device, generator=g), torch.randn(n, device=device, generator=g)
+            fast, eager = T.Anderson(x, 8, 1e-4), _Anderson(x, 8, 1e-4)
+            for acc in (fast, eager):  # fill the ring: every later step uses all 8 slots
+                for _ in range(9):
+                    acc.step(x, r * 0.999)
+            kgpu, kwall = bench(lambda acc=fast, x=x, r=r: acc.step(x, r), device)
+            egpu, ewall = bench(lambda acc=eager, x=x, r=r: acc.step(x, r), device)
+            say(
+                f"  anderson step n = {n:5d}: one launch {kgpu * 1e3:6.1f} us (wall {kwall * 1e3:6.1f} us) | "
+                f"eager torch {egpu * 1e3:6.1f} us (wall {ewall * 1e3:6.1f} us)"
+            )
+    except Exception as e:
+        say(f"  ERROR timing the Anderson step: {type(e).__name__}: {e}")
+    try:
         C = block_cost(128, seed=0, device=device).float()
         torch.cuda.synchronize()
         t = time.perf_counter()
@@ -201,6 +239,7 @@ AOT_FUSED = [
 AOT_ROW_LSE = [(1024, 1024), (8192, 8192), (1000, 1000), (37, 129)]
 AOT_QUICK_FUSED = [(16, 16, None), (128, 128, None), (256, 256, None)]
 AOT_QUICK_ROW_LSE = [(8192, 8192), (37, 129)]
+AOT_ANDERSON = [(512, 8), (8192, 8), (8192, 16)]
 
 
 def _specialise(fn, args):
@@ -314,6 +353,26 @@ def aot(T, arch=90, quick=False):
         )
         label = f"{n}x{m} ({bn}x{bm}, {'registers' if cfg['RESIDENT'] else 'streamed'})"
         compile_one("fused", T._sinkhorn_kernel, args, warps or cfg["num_warps"], label)
+    for n, memory in AOT_ANDERSON[:1] if quick else AOT_ANDERSON:
+        mp, block = T.anderson_config(n, memory)
+        args = dict(
+            X=torch.empty(n),
+            R=torch.empty(n),
+            OUT=torch.empty(n),
+            DXF=torch.empty(memory, n),
+            DF=torch.empty(memory, n),
+            PREV=torch.empty(2, 2, n),
+            GF=torch.empty(2, mp, mp),
+            W=torch.empty(2, mp),
+            RN=torch.empty(2),
+            n=n,
+            k=3,
+            memory=memory,
+            reg=1e-4,
+            MP=mp,
+            BLOCK=block,
+        )
+        compile_one("anderson", T._anderson_kernel, args, 4, f"n={n} memory={memory} block {block}")
     return rows
 
 
@@ -469,6 +528,12 @@ def main(argv=None):
             results,
             "fused max_iter after 9 accelerated sweeps",
             lambda: check_fused(T, device, C, 0.1, max_iter=anneal + 9, tol=1e-9, same_path=True),
+        )
+
+    say("\nAnderson step of the torch loop (one launch) vs its definition (float64)")
+    for n, memory in [(37, 3), (300, 8)] if quick else [(1, 1), (37, 3), (300, 8), (1300, 16), (8192, 8)]:
+        run_case(
+            results, f"anderson n={n} memory={memory}", lambda n=n, memory=memory: check_anderson(T, device, n, memory)
         )
 
     n_pass = sum(s == "PASS" for _, s in results)

@@ -109,6 +109,40 @@ def reference_solve(
     return u, v, it, err
 
 
+# Residual norms of anderson_steps: decreasing, except at step 5, where the history must be dropped.
+ANDERSON_NORMS = (4.0, 3.0, 2.5, 2.0, 1.5, 3.5, 1.0, 0.8, 0.5, 0.4, 0.3, 0.2)
+
+
+def anderson_steps(n, memory, reg, seed, dtype=torch.float64, norms=ANDERSON_NORMS):
+    """(x, r, want) for successive steps of type-II Anderson acceleration (Walker & Ni 2011), written out
+    with a list history and a dense solve: want = x + r − (ΔX + ΔF)ᵀγ with γ = argmin ‖r − ΔFᵀγ‖² +
+    λ‖γ‖², λ = reg·tr(ΔF ΔFᵀ) + tiny, over the last ``memory`` differences, the history dropped when ‖r‖
+    grows, x + r when there is none; then shifted to mean 0. x and r are drawn in ``dtype``, want is
+    computed in float64 from them."""
+    g = torch.Generator().manual_seed(seed)
+    xs, rs, hist, out = [], [], [], []
+    for k, norm in enumerate(norms):
+        x = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
+        r = torch.randn(n, generator=g, dtype=torch.float64)
+        r = (r * norm / r.norm()).to(dtype)
+        x64, r64 = x.double(), r.double()
+        if k:
+            hist = (hist + [(x64 - xs[-1], r64 - rs[-1])])[-memory:]
+        if k and norm > norms[k - 1]:
+            hist = []
+        xs.append(x64)
+        rs.append(r64)
+        want = x64 + r64
+        if hist:
+            dX, dF = torch.stack([h[0] for h in hist]), torch.stack([h[1] for h in hist])
+            G = dF @ dF.T
+            lam = reg * G.trace() + torch.finfo(dtype).tiny
+            gamma = torch.linalg.solve(G + lam * torch.eye(len(hist), dtype=torch.float64), dF @ r64)
+            want = want - (dX + dF).T @ gamma
+        out.append((x, r, want - want.mean()))
+    return out
+
+
 def annealing_sweeps(C, theta, scaling=0.7):
     finite = C[torch.isfinite(C)]
     eps, k = float(finite.max() - finite.min()), 0

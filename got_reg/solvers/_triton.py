@@ -1,6 +1,6 @@
 r"""Optional Triton kernels for the log-domain Sinkhorn solver (CUDA; CPU only through Triton's interpreter).
 
-Two kernels, both in float32 with the convention of :mod:`got_reg.solvers.sinkhorn`: a cost matrix C may
+Three kernels, all in float32 with the convention of :mod:`got_reg.solvers.sinkhorn`: a cost matrix C may
 hold +∞ on forbidden (masked) pairs, which contribute exactly 0 to every sum; every row and column must
 keep a finite entry (the caller checks that, this module never synchronises with the host).
 
@@ -22,6 +22,9 @@ for n, m ≤ 256 in one launch of one program. At that size a solve is a few mic
 but hundreds of kernel launches and a host synchronisation per stopping test in eager torch; here the
 loop, its control flow and the stopping test run on the device, and the results (potentials, iteration
 count, marginal error) stay there until the caller reads them.
+
+:class:`Anderson` — the Anderson step of the torch loop (B > 256, where the sweeps are two :func:`row_lse`
+launches) in one launch instead of about 20 eager operators, for iterates of any length.
 
 Arithmetic is float32 throughout (Triton's exp is ex2.approx, 2 ulp). tests/solvers/test_triton.py holds it
 to an eager torch loop of the same algorithm (tests/fused_reference.py): sweep for sweep (value 1e-5
@@ -345,6 +348,81 @@ if _HAVE_TRITON:
         u_next = u + r - tl.sum((DX + DF) * gamma[:, None], 0)
         return u_next, DX, DF, GF, w, u, r, rn
 
+    @triton.jit(do_not_specialize=["n", "k"])
+    def _anderson_kernel(X, R, OUT, DXF, DF, PREV, GF, W, RN, n, k, memory, reg, MP: tl.constexpr, BLOCK: tl.constexpr):
+        # One program, two passes over vectors of any length n, chunks of BLOCK. State (see Anderson):
+        # DXF, DF (memory, n) the ring of differences of x + r and of r; in two halves, read from half
+        # (k + 1) % 2 and written to half k % 2: PREV (2, 2, n) the last (x + r, r), GF (2, MP, MP) the
+        # Gram matrix of DF (one row and column replaced per step), W (2, MP) the slot weights, RN (2,)
+        # the last ‖r‖². Pass 1 writes the new differences and accumulates what the small system needs;
+        # pass 2 writes OUT = x + r − (ΔX + ΔF)ᵀγ − mean. Nothing a thread reads was written by this
+        # launch (the new slot's row is rebuilt in registers, not read back), so no barrier is needed.
+        slots = tl.arange(0, MP)
+        live = slots < memory
+        lane = tl.arange(0, BLOCK)
+        has = k > 0
+        slot = (k + memory - 1) % memory
+        new = (slots == slot) & has
+        half, last = k % 2, (k + 1) % 2
+        cur = PREV + half * (2 * n)
+        old = PREV + last * (2 * n)
+        rn = tl.zeros([], dtype=tl.float32)
+        total = tl.zeros([], dtype=tl.float32)
+        g = tl.zeros([MP], dtype=tl.float32)  # the new Gram row, ΔF·Δf
+        fr = tl.zeros([MP], dtype=tl.float32)  # ΔF·r
+        sums = tl.zeros([MP], dtype=tl.float32)  # Σ_i (ΔX + ΔF)_mi, for the mean of the result
+        # While loops over the chunks, as in _row_lse_kernel (the interpreter and runtime range() bounds).
+        c = tl.full([], 0, tl.int32)
+        while c < n:
+            offs = c + lane
+            inside = offs < n
+            x = tl.load(X + offs, mask=inside, other=0.0)
+            r = tl.load(R + offs, mask=inside, other=0.0)
+            xr = x + r
+            dxf = xr - tl.load(old + offs, mask=inside & has, other=0.0)
+            df = r - tl.load(old + n + offs, mask=inside & has, other=0.0)
+            tl.store(cur + offs, xr, mask=inside)
+            tl.store(cur + n + offs, r, mask=inside)
+            tl.store(DXF + slot * n + offs, dxf, mask=inside & has)
+            tl.store(DF + slot * n + offs, df, mask=inside & has)
+            tile = live[:, None] & inside[None, :]
+            F = tl.load(DF + slots[:, None] * n + offs[None, :], mask=tile, other=0.0)
+            F = tl.where(new[:, None], df[None, :], F)
+            D = tl.load(DXF + slots[:, None] * n + offs[None, :], mask=tile, other=0.0)
+            D = tl.where(new[:, None], dxf[None, :], D)
+            rn += tl.sum(r * r, 0)
+            total += tl.sum(xr, 0)
+            g += tl.sum(F * df[None, :], 1)
+            fr += tl.sum(F * r[None, :], 1)
+            sums += tl.sum(D, 1)
+            c += BLOCK
+        sq = slots[:, None] * MP + slots[None, :]
+        GFm = tl.load(GF + last * MP * MP + sq)
+        GFm = tl.where(new[:, None], g[None, :], tl.where(new[None, :], g[:, None], GFm))
+        tl.store(GF + half * MP * MP + sq, GFm)
+        w = tl.where(new, 1.0, tl.load(W + last * MP + slots))
+        w = tl.where(rn <= tl.load(RN + last), w, 0.0)  # restart when the residual grew
+        tl.store(W + half * MP + slots, w)
+        tl.store(RN + half, rn)
+        G = GFm * w[:, None] * w[None, :]
+        eye = slots[:, None] == slots[None, :]
+        tr = tl.sum(tl.sum(tl.where(eye, G, 0.0), 1), 0)
+        # Unit diagonal on empty slots, the Tikhonov weight on valid ones: added apart, since 1 + λ rounds to 1.
+        G = tl.where(eye, G + (1.0 - w)[:, None] + (tr * reg + 1.1754943508222875e-38), G)
+        gamma = _spd_solve(G, fr * w, MP)
+        gamma = tl.where(tl.abs(gamma) < float("inf"), gamma, 0.0)  # NaN fails the test too
+        mean = (total - tl.sum(gamma * sums, 0)) / n
+        c = tl.full([], 0, tl.int32)
+        while c < n:
+            offs = c + lane
+            inside = offs < n
+            xr = tl.load(X + offs, mask=inside, other=0.0) + tl.load(R + offs, mask=inside, other=0.0)
+            dxf = xr - tl.load(old + offs, mask=inside & has, other=0.0)
+            D = tl.load(DXF + slots[:, None] * n + offs[None, :], mask=live[:, None] & inside[None, :], other=0.0)
+            D = tl.where(new[:, None], dxf[None, :], D)
+            tl.store(OUT + offs, xr - tl.sum(D * gamma[:, None], 0) - mean, mask=inside)
+            c += BLOCK
+
     @triton.jit(do_not_specialize=["n", "m", "max_iter"])
     def _sinkhorn_kernel(
         C,
@@ -537,6 +615,89 @@ def row_lse(
             A, w, out, n, m, A.stride(0), float(scale), BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps
         )
     return out
+
+
+def anderson_supported(x: torch.Tensor) -> bool:
+    """Whether :class:`Anderson` takes the iterate x: Triton present and not interpreted, CUDA, float32, 1-D."""
+    return _HAVE_TRITON and not INTERPRET and x.is_cuda and x.dtype == torch.float32 and x.dim() == 1
+
+
+def anderson_config(n: int, memory: int) -> tuple[int, int]:
+    """(MP, BLOCK) of :class:`Anderson`'s kernel: slots padded to a power of two, and chunks such that a
+    (MP, BLOCK) tile of each ring is about 32 entries per thread at 4 warps."""
+    mp = _next_pow2(memory)
+    return mp, max(16, min(_next_pow2(n), 4096 // mp))
+
+
+class Anderson:
+    r"""got_reg.solvers.sinkhorn._Anderson with each step one launch of one program, for the torch loop's
+    iterates of any length (B > 256, beyond :func:`sinkhorn_fused`); the same state and arithmetic:
+
+        x_{k+1} = x_k + r_k − (ΔX + ΔF)ᵀγ − mean,   γ = argmin ‖r_k − ΔFᵀγ‖² + λ‖γ‖²,  λ = ``reg``·tr(ΔF ΔFᵀ),
+
+    the history dropped when ‖r‖ grows, empty slots held at γ = 0, the result shifted to mean 0. In eager
+    torch that step is about 20 operators, each a kernel launch that costs more than its arithmetic at
+    these sizes; here it is one (the Gram matrix is also kept up to date one row at a time). Nothing is
+    read back to the host.
+    """
+
+    def __init__(self, x: torch.Tensor, memory: int, reg: float) -> None:
+        if not _HAVE_TRITON:
+            raise RuntimeError("Anderson needs triton (pip install triton)")
+        _require(
+            x.dim() == 1 and x.dtype == torch.float32 and x.numel() > 0,
+            f"x must be a non-empty 1-D float32 tensor, got {tuple(x.shape)} {x.dtype}",
+        )
+        _require(_device_ok(x), f"Anderson runs on CUDA tensors (CPU only with TRITON_INTERPRET=1), got {x.device}")
+        _require(isinstance(memory, int) and 1 <= memory <= 16, f"memory must be an int in [1, 16], got {memory!r}")
+        n = x.numel()
+        self.mp, self.block = anderson_config(n, memory)
+        self.memory, self.reg, self.k = memory, float(reg), 0
+        self.dxf = x.new_zeros(memory, n)
+        self.df = x.new_zeros(memory, n)
+        self.prev = x.new_zeros(2, 2, n)
+        # Two halves of each small state too: a launch reads one and writes the other (see the kernel).
+        self.gram = x.new_zeros(2, self.mp, self.mp)
+        self.w = x.new_zeros(2, self.mp)
+        self.rn = x.new_full((2,), math.inf)
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """The 0/1 weights of the slots after the last step (1: a difference the next step uses)."""
+        return self.w[(self.k + 1) % 2]
+
+    def step(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The next iterate from x and its residual r = T(x) − x (both (n,), contiguous), shifted to mean 0."""
+        n = self.dxf.shape[1]
+        _require(
+            x.shape == r.shape == (n,)
+            and x.dtype == r.dtype == torch.float32
+            and x.is_contiguous()
+            and r.is_contiguous(),
+            f"x and r must be contiguous float32 ({n},) tensors, got {tuple(x.shape)} and {tuple(r.shape)}",
+        )
+        out = torch.empty_like(x)
+        with _launching(x):
+            _anderson_kernel[(1,)](
+                x,
+                r,
+                out,
+                self.dxf,
+                self.df,
+                self.prev,
+                self.gram,
+                self.w,
+                self.rn,
+                n,
+                self.k,
+                self.memory,
+                self.reg,
+                MP=self.mp,
+                BLOCK=self.block,
+                num_warps=4,
+            )
+        self.k += 1
+        return out
 
 
 def fused_config(n: int, m: int) -> dict:

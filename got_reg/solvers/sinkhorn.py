@@ -90,10 +90,11 @@ class _Anderson:
         x_{k+1} = x_k + r_k − (ΔX + ΔF)ᵀ γ,   γ = argmin_γ ‖r_k − ΔFᵀγ‖² + λ‖γ‖²,  λ = ``reg`` · tr(ΔF ΔFᵀ)
 
     (Walker & Ni, "Anderson acceleration for fixed-point iterations", SIAM J. Numer. Anal. 2011), i.e. the
-    extrapolation from past iterates that the residuals say cancels best. Safeguard: when ‖r_k‖ grows,
-    the history is dropped and the step is the plain x + r (restarted Anderson); a non-finite γ counts
-    as 0. Slots fill round-robin, so the slot of step k is known on the host; which slots are valid is a
-    device vector of 0/1 weights.
+    extrapolation from past iterates that the residuals say cancels best, then shifted to mean 0 (see
+    :func:`_accelerated_sweeps`). Safeguard: when ‖r_k‖ grows, the history is dropped and the step is the
+    plain x + r (restarted Anderson); a non-finite γ counts as 0. Slots fill round-robin, so the slot of
+    step k is known on the host; which slots are valid is a device vector of 0/1 weights. On CUDA in
+    float32 :class:`got_reg.solvers._triton.Anderson` takes the same step in one launch (:func:`_anderson`).
     """
 
     def __init__(self, x: torch.Tensor, memory: int, reg: float) -> None:
@@ -129,7 +130,39 @@ class _Anderson:
         L = torch.linalg.cholesky_ex(G).L
         y = torch.linalg.solve_triangular(L, (F @ r)[:, None], upper=False)
         gamma = torch.linalg.solve_triangular(L.mT, y, upper=True)[:, 0].nan_to_num_(0.0, 0.0, 0.0)
-        return torch.addmv(xr, self.dXF.T, gamma, alpha=-1.0)
+        out = torch.addmv(xr, self.dXF.T, gamma, alpha=-1.0)
+        return out.sub_(out.mean())
+
+
+class _TritonAnderson:
+    """:class:`got_reg.solvers._triton.Anderson`; if its kernel raises, the step is reported once and the
+    solve goes on with a fresh :class:`_Anderson` (a restart, as when the residual grows)."""
+
+    def __init__(self, tri: Any, x: torch.Tensor, memory: int, reg: float) -> None:
+        self.memory, self.reg = memory, reg
+        try:
+            self.impl: Any = tri.Anderson(x, memory, reg)
+        except Exception as exc:  # noqa: BLE001 - as below
+            triton_failed(exc)
+            self.impl = _Anderson(x, memory, reg)
+
+    def step(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        if not isinstance(self.impl, _Anderson):
+            try:
+                return self.impl.step(x, r)
+            except Exception as exc:  # noqa: BLE001 - any kernel failure falls back to torch
+                triton_failed(exc)
+                self.impl = _Anderson(x, self.memory, self.reg)
+        return self.impl.step(x, r)
+
+
+def _anderson(x: torch.Tensor, memory: int) -> _Anderson | _TritonAnderson:
+    """The Anderson state for iterates like x: one Triton launch per step on CUDA float32, else torch."""
+    reg = ANDERSON_REG[x.dtype]
+    tri = triton_module() if x.is_cuda else None
+    if tri is not None and tri.anderson_supported(x):
+        return _TritonAnderson(tri, x, memory, reg)
+    return _Anderson(x, memory, reg)
 
 
 def _accelerated_sweeps(
@@ -168,7 +201,7 @@ def _accelerated_sweeps(
     s = -1.0 / theta
     u = -rows(v, s) - log_b
     u = u - u.mean()
-    accel = _Anderson(u, anderson, ANDERSON_REG[u.dtype]) if anderson > 0 else None
+    accel = _anderson(u, anderson) if anderson > 0 else None
     best, it_best = math.inf, it
     for k in range(max_iter - it):
         v = -cols(u, s) - log_a
@@ -182,8 +215,11 @@ def _accelerated_sweeps(
                 best, it_best = err, it
             elif it - it_best >= PATIENCE:
                 accel = None
-        u = u - t if accel is None else accel.step(u, t.neg_())
-        u = u - u.mean()
+        if accel is None:
+            u = u - t
+            u = u - u.mean()
+        else:
+            u = accel.step(u, t.neg_())  # shifted to mean 0 too
     # max_iter ran out after a row update: make the columns exact again.
     v = -cols(u, s) - log_a
     return u, v, it

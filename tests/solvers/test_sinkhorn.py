@@ -3,12 +3,14 @@ Newton solve of the semi-dual (tests/ot_reference.py), exact OT (POT's emd2) and
 
 import functools
 import math
+import types
 import warnings
 
 import numpy as np
 import ot
 import pytest
 import torch
+from fused_reference import anderson_steps
 from ot_reference import newton_ot, primal_value
 
 from got_reg import GOTConvergenceWarning
@@ -145,31 +147,46 @@ def test_anderson_gives_the_reference_answer_in_fewer_sweeps():
 
 def test_anderson_step_is_the_least_squares_extrapolation():
     """_Anderson.step against its definition (Walker & Ni 2011, type II) written out with a dense
-    least-squares solve: the ring keeps the last `memory` differences, a growing residual drops them all,
-    and the step with no history is the plain x + r."""
-    g = torch.Generator().manual_seed(0)
+    least-squares solve (tests/fused_reference.py): the ring keeps the last `memory` differences, a growing
+    residual drops them all, the step with no history is the plain x + r, and the result has mean 0."""
     n, memory, reg = 12, 3, 1e-10
     acc = sinkhorn._Anderson(torch.zeros(n, dtype=torch.float64), memory, reg)
-    xs, rs, hist = [], [], []
-    norms = [4.0, 3.0, 2.5, 2.0, 1.5, 3.5, 1.0, 0.8, 0.5]  # the residual grows at step 5: restart there
-    for k, norm in enumerate(norms):
-        x = torch.randn(n, generator=g, dtype=torch.float64)
-        r = torch.randn(n, generator=g, dtype=torch.float64)
-        r = r * norm / r.norm()
-        if k:
-            hist = (hist + [(x - xs[-1], r - rs[-1])])[-memory:]
-        if k and norm > norms[k - 1]:
-            hist = []
-        xs.append(x)
-        rs.append(r)
-        if hist:
-            dX, dF = torch.stack([h[0] for h in hist]), torch.stack([h[1] for h in hist])
-            G = dF @ dF.T
-            gamma = torch.linalg.solve(G + (reg * G.trace() + torch.finfo(G.dtype).tiny) * torch.eye(len(hist)), dF @ r)
-            want = x + r - (dX + dF).T @ gamma
-        else:
-            want = x + r
+    for x, r, want in anderson_steps(n, memory, reg, seed=0):
         torch.testing.assert_close(acc.step(x, r), want, rtol=1e-10, atol=1e-12)
+
+
+def test_a_failing_triton_anderson_step_restarts_in_torch(monkeypatch):
+    """If the Triton step raises, the solve is told once and goes on with a fresh torch history: the step
+    is then the plain x + r (shifted to mean 0), as after a restart."""
+    from got_reg.solvers import lse
+
+    monkeypatch.setattr(lse, "_TRITON_FAILED", False)  # restored afterwards: other tests keep their kernels
+
+    class Broken:
+        def __init__(self, x, memory, reg):
+            pass
+
+        def step(self, x, r):
+            raise RuntimeError("no kernel")
+
+    acc = sinkhorn._TritonAnderson(types.SimpleNamespace(Anderson=Broken), torch.zeros(5), 4, 1e-4)
+    x, r = torch.arange(5.0), torch.ones(5)
+    with pytest.warns(RuntimeWarning, match="Triton kernel failed .*no kernel"):
+        out = acc.step(x, r)
+    torch.testing.assert_close(out, x + r - (x + r).mean())
+    assert isinstance(acc.impl, sinkhorn._Anderson)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        acc.step(x + 1, r / 2)  # torch from now on, no second warning
+
+    class Unbuildable:
+        def __init__(self, x, memory, reg):
+            raise RuntimeError("no memory")
+
+    monkeypatch.setattr(lse, "_TRITON_FAILED", False)
+    with pytest.warns(RuntimeWarning, match="no memory"):
+        acc = sinkhorn._TritonAnderson(types.SimpleNamespace(Anderson=Unbuildable), torch.zeros(5), 4, 1e-4)
+    torch.testing.assert_close(acc.step(x, r), x + r - (x + r).mean())
 
 
 def test_anderson_argument_and_check_interval():
