@@ -17,16 +17,16 @@
 #
 # Writes to OUTDIR: gpu_check.md (environment and each step's exit code and time), gpu_check.log (everything
 # printed, the Triton self-check's report included), solvers_<gpu|cpu>[_quick].{md,json},
-# overhead_<gpu|cpu>[_quick].{md,json}, launches_<gpu|cpu>[_quick].{md,json}, acceleration_<gpu|cpu>[_quick].{md,json}
-# and epoch_<gpu|cpu>.{md,json}: 12 files (the device returns at most 8: put OUTDIR outside its $OUT and --tar into it). Exit status 0 if every step
-# exited 0, else 1 (after all steps).
+# overhead_<gpu|cpu>[_quick].{md,json}, launches_<gpu|cpu>[_quick].{md,json},
+# acceleration_<gpu|cpu>[_quick].{md,json} and epoch_<gpu|cpu>.{md,json}: 12 files (the device returns at most 8:
+# put OUTDIR outside its $OUT and --tar into it). Exit status 0 if every step exited 0, else 1 (after all steps).
 #
 # Time budget on one GPU (full run, at most 8 minutes = 480 s; each step's limit includes its Python start,
 # CUDA initialisation and Triton compilation; each can be changed from the environment, e.g. T_SOLVERS=120):
 #   wheels       10 s  (two local wheels install in seconds; 2 s measured)
 #   self-check   75 s  (compiles and checks each Triton kernel at sizes up to 8192², then times them; 49 s before
 #                      Anderson acceleration, over 60 s after with 1000-sweep timings, which are now ≤ 200)
-#   cuda tests   40 s  (pytest: tests/test_graphs.py and the CUDA cases of tests/solvers/test_sinkhorn.py; 20 s)
+#   cuda tests   30 s  (pytest: tests/test_graphs.py and the CUDA cases of tests/solvers/test_sinkhorn.py; 20 s)
 #   solver grid  95 s  hard limit; --time-limit 70 inside: after it only the default's and the reference rows
 #                      run, and the tables are rewritten after every problem, so a problem cut off by the hard
 #                      limit loses only itself. B = 8192 dominates (float64 Newton reference a few seconds; POT
@@ -34,9 +34,9 @@
 #   overhead     80 s  hard limit; --time-limit 45 inside (no new round or batch size after): 300 pretraining
 #                      steps, then 7 variants × (2 + 31) steps at B = 128 and 7 × (2 + 21) at B = 512.
 #   launches     25 s  kernel and host-read counts on the CUDA path, and 50 timed calls per variant at B = 16, 128.
-#   acceleration 45 s  the three solves of a GOT call timed with Anderson memories 8, 4 and 0 on a trained
+#   acceleration 55 s  the three solves of a GOT call timed with Anderson memories 8, 4 and 0 on a trained
 #                      SmallCNN's costs, 2 batches (bench_acceleration; B = 128: one fused launch; 512: the
-#                      torch loop).
+#                      torch loop; 48 s measured with 3 batches and B = 256 too).
 #   epoch        95 s  one MNIST epoch (20000 points) of TRADES, GOT-LM and GOT-LM with cuda_graphs, alone and 4
 #                      runs sharing the GPU (121-138 s measured at 30000 points).
 #   total       465 s of limits, + at most 15 s for the environment report: 8 minutes (ONLY= for a short lease).
@@ -90,8 +90,8 @@ if [ ${#QUICK[@]} -gt 0 ]; then
     SOLVER_LIMIT=() OVERHEAD_LIMIT=()
 else
     # Each limit can be lowered from the environment to fit a shorter lease (e.g. T_SOLVERS=120 SOFT_SOLVERS=90).
-    T_ENV=${T_ENV:-15} T_WHEELS=${T_WHEELS:-10} T_SELFCHECK=${T_SELFCHECK:-75} T_TESTS=${T_TESTS:-40}
-    T_SOLVERS=${T_SOLVERS:-95} T_OVERHEAD=${T_OVERHEAD:-80} T_LAUNCHES=${T_LAUNCHES:-25} T_ACCEL=${T_ACCEL:-45}
+    T_ENV=${T_ENV:-15} T_WHEELS=${T_WHEELS:-10} T_SELFCHECK=${T_SELFCHECK:-75} T_TESTS=${T_TESTS:-30}
+    T_SOLVERS=${T_SOLVERS:-95} T_OVERHEAD=${T_OVERHEAD:-80} T_LAUNCHES=${T_LAUNCHES:-25} T_ACCEL=${T_ACCEL:-55}
     T_EPOCH=${T_EPOCH:-95}
     SOLVER_LIMIT=(--time-limit "${SOFT_SOLVERS:-70}") OVERHEAD_LIMIT=(--time-limit "${SOFT_OVERHEAD:-45}")
 fi

@@ -361,6 +361,9 @@ if _HAVE_TRITON:
         live = slots < memory
         lane = tl.arange(0, BLOCK)
         has = k > 0
+        # The previous iterate's entries, as an index bound (n after the first step, else 0): a vector
+        # compare rather than `inside & has`, which Triton 3.9's interpreter refuses as a load/store mask.
+        seen = tl.minimum(k, 1) * n
         slot = (k + memory - 1) % memory
         new = (slots == slot) & has
         half, last = k % 2, (k + 1) % 2
@@ -379,12 +382,12 @@ if _HAVE_TRITON:
             x = tl.load(X + offs, mask=inside, other=0.0)
             r = tl.load(R + offs, mask=inside, other=0.0)
             xr = x + r
-            dxf = xr - tl.load(old + offs, mask=inside & has, other=0.0)
-            df = r - tl.load(old + n + offs, mask=inside & has, other=0.0)
+            dxf = xr - tl.load(old + offs, mask=offs < seen, other=0.0)
+            df = r - tl.load(old + n + offs, mask=offs < seen, other=0.0)
             tl.store(cur + offs, xr, mask=inside)
             tl.store(cur + n + offs, r, mask=inside)
-            tl.store(DXF + slot * n + offs, dxf, mask=inside & has)
-            tl.store(DF + slot * n + offs, df, mask=inside & has)
+            tl.store(DXF + slot * n + offs, dxf, mask=offs < seen)
+            tl.store(DF + slot * n + offs, df, mask=offs < seen)
             tile = live[:, None] & inside[None, :]
             F = tl.load(DF + slots[:, None] * n + offs[None, :], mask=tile, other=0.0)
             F = tl.where(new[:, None], df[None, :], F)
@@ -417,7 +420,7 @@ if _HAVE_TRITON:
             offs = c + lane
             inside = offs < n
             xr = tl.load(X + offs, mask=inside, other=0.0) + tl.load(R + offs, mask=inside, other=0.0)
-            dxf = xr - tl.load(old + offs, mask=inside & has, other=0.0)
+            dxf = xr - tl.load(old + offs, mask=offs < seen, other=0.0)
             D = tl.load(DXF + slots[:, None] * n + offs[None, :], mask=live[:, None] & inside[None, :], other=0.0)
             D = tl.where(new[:, None], dxf[None, :], D)
             tl.store(OUT + offs, xr - tl.sum(D * gamma[:, None], 0) - mean, mask=inside)
