@@ -324,6 +324,26 @@ if _HAVE_TRITON:
         return x
 
     @triton.jit
+    def _anderson_solve(GF, g, w, new, rn, rn_prev, fr, reg, MP: tl.constexpr):
+        """The small system of an Anderson step (got_reg.solvers.sinkhorn._Anderson), shared by the fused solve
+        and the torch loop's kernel: the Gram matrix GF of the (MP, ·) residual differences with the new slot's
+        row and column g, the 0/1 slot weights w (the new slot on; all off when the residual norm rn grew past
+        rn_prev), and γ solving (GF_w + diag(1 − w) + λ) γ = w ⊙ fr, fr = ΔF·r, λ = reg·tr(GF_w) + tiny,
+        where GF_w = GF ⊙ wwᵀ; a non-finite γ counts as 0. Returns (GF, w, γ)."""
+        slots = tl.arange(0, MP)
+        GF = tl.where(new[:, None], g[None, :], tl.where(new[None, :], g[:, None], GF))
+        w = tl.where(new, 1.0, w)
+        w = tl.where(rn <= rn_prev, w, 0.0)  # restart when the residual grew
+        G = GF * w[:, None] * w[None, :]
+        eye = slots[:, None] == slots[None, :]
+        tr = tl.sum(tl.sum(tl.where(eye, G, 0.0), 1), 0)
+        # Unit diagonal on empty slots, the Tikhonov weight on valid ones: added apart, since 1 + λ rounds to 1.
+        G = tl.where(eye, G + (1.0 - w)[:, None] + (tr * reg + 1.1754943508222875e-38), G)
+        gamma = _spd_solve(G, fr * w, MP)
+        gamma = tl.where(tl.abs(gamma) < float("inf"), gamma, 0.0)  # NaN fails the test too
+        return GF, w, gamma
+
+    @triton.jit
     def _anderson_step(u, r, k, DX, DF, GF, w, u_prev, r_prev, rn_prev, reg, MEMORY, MP: tl.constexpr):
         """got_reg.solvers.sinkhorn._Anderson.step on registers: the ring of MEMORY ≤ MP differences DX, DF
         (MP, BN), their Gram matrix GF (kept up to date one row and column at a time), the 0/1 slot
@@ -335,16 +355,7 @@ if _HAVE_TRITON:
         DX = tl.where(new[:, None], (u - u_prev)[None, :], DX)
         DF = tl.where(new[:, None], (r - r_prev)[None, :], DF)
         g = tl.sum(DF * (r - r_prev)[None, :], 1)
-        GF = tl.where(new[:, None], g[None, :], tl.where(new[None, :], g[:, None], GF))
-        w = tl.where(new, 1.0, w)
-        w = tl.where(rn <= rn_prev, w, 0.0)  # restart when the residual grew
-        G = GF * w[:, None] * w[None, :]
-        eye = slots[:, None] == slots[None, :]
-        tr = tl.sum(tl.sum(tl.where(eye, G, 0.0), 1), 0)
-        # Unit diagonal on empty slots, the Tikhonov weight on valid ones: added apart, since 1 + λ rounds to 1.
-        G = tl.where(eye, G + (1.0 - w)[:, None] + (tr * reg + 1.1754943508222875e-38), G)
-        gamma = _spd_solve(G, tl.sum(DF * r[None, :], 1) * w, MP)
-        gamma = tl.where(tl.abs(gamma) < float("inf"), gamma, 0.0)  # NaN fails the test too
+        GF, w, gamma = _anderson_solve(GF, g, w, new, rn, rn_prev, tl.sum(DF * r[None, :], 1), reg, MP)
         u_next = u + r - tl.sum((DX + DF) * gamma[:, None], 0)
         return u_next, DX, DF, GF, w, u, r, rn
 
@@ -400,20 +411,20 @@ if _HAVE_TRITON:
             sums += tl.sum(D, 1)
             c += BLOCK
         sq = slots[:, None] * MP + slots[None, :]
-        GFm = tl.load(GF + last * MP * MP + sq)
-        GFm = tl.where(new[:, None], g[None, :], tl.where(new[None, :], g[:, None], GFm))
+        GFm, w, gamma = _anderson_solve(
+            tl.load(GF + last * MP * MP + sq),
+            g,
+            tl.load(W + last * MP + slots),
+            new,
+            rn,
+            tl.load(RN + last),
+            fr,
+            reg,
+            MP,
+        )
         tl.store(GF + half * MP * MP + sq, GFm)
-        w = tl.where(new, 1.0, tl.load(W + last * MP + slots))
-        w = tl.where(rn <= tl.load(RN + last), w, 0.0)  # restart when the residual grew
         tl.store(W + half * MP + slots, w)
         tl.store(RN + half, rn)
-        G = GFm * w[:, None] * w[None, :]
-        eye = slots[:, None] == slots[None, :]
-        tr = tl.sum(tl.sum(tl.where(eye, G, 0.0), 1), 0)
-        # Unit diagonal on empty slots, the Tikhonov weight on valid ones: added apart, since 1 + λ rounds to 1.
-        G = tl.where(eye, G + (1.0 - w)[:, None] + (tr * reg + 1.1754943508222875e-38), G)
-        gamma = _spd_solve(G, fr * w, MP)
-        gamma = tl.where(tl.abs(gamma) < float("inf"), gamma, 0.0)  # NaN fails the test too
         mean = (total - tl.sum(gamma * sums, 0)) / n
         c = tl.full([], 0, tl.int32)
         while c < n:
