@@ -14,6 +14,39 @@ import torch
 REG = {torch.float32: 1e-4, torch.float64: 1e-7}
 
 
+class AndersonReference:
+    """Type-II Anderson acceleration (Walker & Ni 2011) written from its definition, not from the solver:
+    the history is a list of the last ``memory`` differences (x_j − x_{j−1}, r_j − r_{j−1}), dropped when
+    ‖r‖ grows (``restarted`` then says so), and γ solves the normal equations of min ‖r − ΔFᵀγ‖² + λ‖γ‖²,
+    λ = reg·tr(ΔF ΔFᵀ) + tiny, densely (0 if not finite). ``step`` returns x + r − (ΔX + ΔF)ᵀγ (x + r
+    without a history), shifted to mean 0, in the dtype of x."""
+
+    def __init__(self, memory, reg, tiny):
+        self.memory, self.reg, self.tiny = memory, reg, tiny
+        self.history, self.x_prev, self.r_prev, self.rn_prev = [], None, None, math.inf
+        self.restarted = False
+
+    def step(self, x, r):
+        rn = float(r @ r)
+        if self.x_prev is not None:
+            self.history = (self.history + [(x - self.x_prev, r - self.r_prev)])[-self.memory :]
+        self.restarted = not rn <= self.rn_prev
+        if self.restarted:
+            self.history = []
+        self.x_prev, self.r_prev, self.rn_prev = x, r, rn
+        out = x + r
+        if self.history:
+            dX = torch.stack([d for d, _ in self.history])
+            dF = torch.stack([d for _, d in self.history])
+            G = dF @ dF.T
+            G = G + (self.reg * float(G.trace()) + self.tiny) * torch.eye(len(self.history), dtype=x.dtype)
+            gamma = torch.linalg.solve(G, dF @ r)
+            if not torch.isfinite(gamma).all():
+                gamma = torch.zeros_like(gamma)
+            out = out - (dX + dF).T @ gamma
+        return out - out.mean()
+
+
 def reference_solve(
     C,
     theta,
@@ -63,7 +96,7 @@ def reference_solve(
     v = g / theta
     u = -rows(v, s) - log_b
     u = u - u.mean()  # the gauge: mean(u) = 0 throughout
-    history, u_prev, r_prev, rn_prev = [], None, None, math.inf
+    acc = AndersonReference(anderson, reg, torch.finfo(dtype).tiny) if anderson else None
     converged, err, best, it_best = False, math.inf, math.inf, it
     for _ in range(max_iter - it):
         v = -cols(u, s) - log_a
@@ -76,33 +109,15 @@ def reference_solve(
         if err < best:
             best, it_best = err, it
         elif it - it_best >= patience:
-            anderson = 0  # stalled: plain Sinkhorn for good
+            acc = None  # stalled: plain Sinkhorn for good
         r = -lse_row - log_b - u
-        if not anderson:
+        if acc is None:
             u = u + r
             u = u - u.mean()
             continue
-        rn = float(r @ r)
-        if u_prev is not None:
-            history = (history + [(u - u_prev, r - r_prev)])[-anderson:]
-        if not rn <= rn_prev:
-            history = []
-            if trace is not None:
-                trace.append(it)
-        u_prev, r_prev, rn_prev = u, r, rn
-        if not history:
-            u = u + r
-            u = u - u.mean()
-            continue
-        dX = torch.stack([d for d, _ in history])
-        dF = torch.stack([d for _, d in history])
-        G = dF @ dF.T
-        G = G + (reg * float(G.trace()) + torch.finfo(dtype).tiny) * torch.eye(len(history), dtype=dtype)
-        gamma = torch.linalg.solve(G, dF @ r)
-        if not torch.isfinite(gamma).all():
-            gamma = torch.zeros_like(gamma)
-        u = u + r - (dX + dF).T @ gamma
-        u = u - u.mean()
+        u = acc.step(u, r)
+        if acc.restarted and trace is not None:
+            trace.append(it)
     if not converged:  # u moved after the last column update: exact columns, err of the returned (u, v)
         v = -cols(u, s) - log_a
         err = float(torch.expm1(u + rows(v, s) + log_b).abs().mean())
@@ -114,32 +129,16 @@ ANDERSON_NORMS = (4.0, 3.0, 2.5, 2.0, 1.5, 3.5, 1.0, 0.8, 0.5, 0.4, 0.3, 0.2)
 
 
 def anderson_steps(n, memory, reg, seed, dtype=torch.float64, norms=ANDERSON_NORMS):
-    """(x, r, want) for successive steps of type-II Anderson acceleration (Walker & Ni 2011), written out
-    with a list history and a dense solve: want = x + r − (ΔX + ΔF)ᵀγ with γ = argmin ‖r − ΔFᵀγ‖² +
-    λ‖γ‖², λ = reg·tr(ΔF ΔFᵀ) + tiny, over the last ``memory`` differences, the history dropped when ‖r‖
-    grows, x + r when there is none; then shifted to mean 0. x and r are drawn in ``dtype``, want is
-    computed in float64 from them."""
+    """(x, r, want) for successive steps of :class:`AndersonReference`: x and r drawn in ``dtype`` with
+    residual norms ``norms``, want computed in float64 from them (tiny: that of ``dtype``)."""
     g = torch.Generator().manual_seed(seed)
-    xs, rs, hist, out = [], [], [], []
-    for k, norm in enumerate(norms):
+    ref = AndersonReference(memory, reg, torch.finfo(dtype).tiny)
+    out = []
+    for norm in norms:
         x = torch.randn(n, generator=g, dtype=torch.float64).to(dtype)
         r = torch.randn(n, generator=g, dtype=torch.float64)
         r = (r * norm / r.norm()).to(dtype)
-        x64, r64 = x.double(), r.double()
-        if k:
-            hist = (hist + [(x64 - xs[-1], r64 - rs[-1])])[-memory:]
-        if k and norm > norms[k - 1]:
-            hist = []
-        xs.append(x64)
-        rs.append(r64)
-        want = x64 + r64
-        if hist:
-            dX, dF = torch.stack([h[0] for h in hist]), torch.stack([h[1] for h in hist])
-            G = dF @ dF.T
-            lam = reg * G.trace() + torch.finfo(dtype).tiny
-            gamma = torch.linalg.solve(G + lam * torch.eye(len(hist), dtype=torch.float64), dF @ r64)
-            want = want - (dX + dF).T @ gamma
-        out.append((x, r, want - want.mean()))
+        out.append((x, r, ref.step(x.double(), r.double())))
     return out
 
 
