@@ -281,6 +281,43 @@ def pretrain(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: in
         opt.step()
 
 
+def got_problems(device: torch.device, batch_sizes: Sequence[int], batches: int, data_dir: str | None, steps: int):
+    """(data name, generator) of the GOT transport problems of a briefly trained SmallCNN.
+
+    The SmallCNN is trained for ``steps`` clean Adam steps; then for each B and each of ``batches`` test
+    batches, TRADES' attack (PGD-10, ε = 0.3) gives the adversarial batch and ``FeatureCapture`` the
+    features of the default layer. Yields (B, k, costs, y), ``costs`` the cosine + KL costs
+    {"cross", "clean-clean", "adv-adv"} of one GOT call with debias=True, y the clean labels.
+    """
+    from examples.attacks import trades_kl_attack
+    from got_reg import FeatureCapture
+    from got_reg.functional import joint_cost
+
+    torch.manual_seed(0)
+    model, layer = smallcnn(device)
+    data, (xtr, ytr, xte, yte) = mnist_or_random(data_dir)
+    pretrain(model, xtr, ytr, steps, device)
+    model.eval()
+
+    def gen():
+        with FeatureCapture(model, layer) as capture:
+            for B in batch_sizes:
+                for k in range(batches):
+                    x, y = xte[k * B : (k + 1) * B].to(device), yte[k * B : (k + 1) * B].to(device)
+                    xa = trades_kl_attack(model, x, 0.3, 0.01, 10)
+                    with torch.no_grad():
+                        lg, lga = model(x), model(xa)
+                        z, za = capture.lookup(lg), capture.lookup(lga)
+                    costs = {
+                        "cross": joint_cost(z, za, lg, lga),
+                        "clean-clean": joint_cost(z, z, lg, lg),
+                        "adv-adv": joint_cost(za, za, lga, lga),
+                    }
+                    yield B, k, costs, y
+
+    return data, gen()
+
+
 # -- float64 reference -----------------------------------------------------------------------------
 
 

@@ -27,20 +27,17 @@ from benchmarks._common import (
     describe,
     environment,
     fmt,
+    got_problems,
     load,
     md_table,
     median,
-    mnist_or_random,
-    pretrain,
     set_threads,
-    smallcnn,
     time_calls,
     time_once,
     write_outputs,
 )
-from examples.attacks import trades_kl_attack
-from got_reg import FeatureCapture, GOTConvergenceWarning
-from got_reg.functional import joint_cost, label_mask
+from got_reg import GOTConvergenceWarning
+from got_reg.functional import label_mask
 from got_reg.solvers import sinkhorn_log
 from got_reg.solvers.lse import triton_module
 
@@ -99,55 +96,39 @@ def main(argv=None) -> int:
     set_threads(a.threads)
     warnings.simplefilter("ignore", GOTConvergenceWarning)
     env = environment(device)
-    torch.manual_seed(0)
-    model, layer = smallcnn(device)
-    data, (xtr, ytr, xte, yte) = mnist_or_random(a.data_dir)
-    pretrain(model, xtr, ytr, a.pretrain_steps, device)
-    model.eval()
+    data, problems_of = got_problems(device, a.batch, a.batches, a.data_dir, a.pretrain_steps)
     rows: list[dict[str, Any]] = []
     calls: list[dict[str, Any]] = []
-    with FeatureCapture(model, layer) as capture:
-        for B in a.batch:
-            for k in range(a.batches):
-                x, y = xte[k * B : (k + 1) * B].to(device), yte[k * B : (k + 1) * B].to(device)
-                xa = trades_kl_attack(model, x, 0.3, 0.01, 10)
-                with torch.no_grad():
-                    lg, lga = model(x), model(xa)
-                    z, za = capture.lookup(lg), capture.lookup(lga)
-                costs = {
-                    "cross": joint_cost(z, za, lg, lga),
-                    "clean-clean": joint_cost(z, z, lg, lg),
-                    "adv-adv": joint_cost(za, za, lga, lga),
-                }
-                # GOT-S solves the three unmasked, GOT-LM the three with the label mask (one call each).
-                problems = [(name, C, mask) for mask in (None, label_mask(y)) for name, C in costs.items()]
-                for problem, C, mask in problems:
-                    (ra, msa), (rp, msp) = (timed_solve(C, mask, m, device) for m in (8, 0))
-                    rows.append(
-                        dict(
-                            B=B,
-                            batch=k,
-                            problem=problem,
-                            mask=mask is not None,
-                            it_aa=int(ra.iterations),
-                            it_plain=int(rp.iterations),
-                            ms_aa=msa,
-                            ms_plain=msp,
-                            err_aa=float(ra.marginal_error),
-                            err_plain=float(rp.marginal_error),
-                            value_diff=abs(float(ra.value - rp.value)),
-                            plan_diff_l1=float((ra.plan - rp.plan).abs().sum()),
-                        )
-                    )
-                    print(rows[-1], flush=True)
-                stack = torch.stack(list(costs.values()))
-                for masked, mask in ((False, None), (True, label_mask(y))):
-                    for m in a.anderson:
-                        fn, how = call_solver(stack, mask, m)
-                        sweeps = fn()
-                        ms = median(time_calls(fn, device, a.repeats, warmup=1, budget_s=1.0))
-                        calls.append(dict(B=B, batch=k, mask=masked, anderson=m, how=how, sweeps=int(sweeps), ms=ms))
-                        print(calls[-1], flush=True)
+    for B, k, costs, y in problems_of:
+        # GOT-S solves the three unmasked, GOT-LM the three with the label mask (one call each).
+        problems = [(name, C, mask) for mask in (None, label_mask(y)) for name, C in costs.items()]
+        for problem, C, mask in problems:
+            (ra, msa), (rp, msp) = (timed_solve(C, mask, m, device) for m in (8, 0))
+            rows.append(
+                dict(
+                    B=B,
+                    batch=k,
+                    problem=problem,
+                    mask=mask is not None,
+                    it_aa=int(ra.iterations),
+                    it_plain=int(rp.iterations),
+                    ms_aa=msa,
+                    ms_plain=msp,
+                    err_aa=float(ra.marginal_error),
+                    err_plain=float(rp.marginal_error),
+                    value_diff=abs(float(ra.value - rp.value)),
+                    plan_diff_l1=float((ra.plan - rp.plan).abs().sum()),
+                )
+            )
+            print(rows[-1], flush=True)
+        stack = torch.stack(list(costs.values()))
+        for masked, mask in ((False, None), (True, label_mask(y))):
+            for m in a.anderson:
+                fn, how = call_solver(stack, mask, m)
+                sweeps = fn()
+                ms = median(time_calls(fn, device, a.repeats, warmup=1, budget_s=1.0))
+                calls.append(dict(B=B, batch=k, mask=masked, anderson=m, how=how, sweeps=int(sweeps), ms=ms))
+                print(calls[-1], flush=True)
     env["load_end"] = load()
     md = render(a, env, data, rows, calls)
     path = write_outputs(a.out, name, md, dict(env=env, args=vars(a), data=data, rows=rows, calls=calls))

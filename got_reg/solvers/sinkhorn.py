@@ -32,6 +32,7 @@ import math
 import warnings
 from typing import Any
 
+import numpy as np
 import torch
 
 from .._checks import GOTConvergenceWarning, check_choice, ot_dtype
@@ -134,6 +135,59 @@ class _Anderson:
         return out.sub_(out.mean())
 
 
+class _HostAnderson:
+    r"""CPU: :class:`_Anderson`'s step in numpy, on views of the iterates (no copies).
+
+    On a GPU a read of the device is a synchronisation, so :class:`_Anderson` keeps the whole step on the
+    device at some twenty operators per sweep. On CPU those operators, on vectors of B entries and an m × m
+    system, cost more in dispatch than in arithmetic: more than the sweep's two log-sum-exps at B = 128
+    (``benchmarks/bench_cpu_paths.py``). numpy dispatches several times faster, and the small system can
+    be read: one product Z Zᵀ of Z = [ΔF; r] gives the Gram matrix ΔF ΔFᵀ, ΔF·r and ‖r‖² in the iterate's
+    dtype, and the restart, slot weights, ridge and solve run in float64.
+    """
+
+    def __init__(self, x: torch.Tensor, memory: int, reg: float) -> None:
+        dtype = x.numpy().dtype
+        self.dXF = np.zeros((memory, x.numel()), dtype)  # ΔX + ΔF, what the step combines
+        self.Z = np.zeros((memory + 1, x.numel()), dtype)  # rows: the ΔF ring, then the last residual
+        self.w = np.zeros(memory)  # 1 on valid slots, 0 on empty ones
+        self.reg, self.tiny = reg, float(torch.finfo(x.dtype).tiny)
+        self.k = 0
+        self.xr_prev = np.zeros(x.numel(), dtype)
+        self.rn_prev = math.inf
+
+    def step(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        xn, rv = x.numpy(), r.numpy()
+        m, Z = len(self.w), self.Z
+        xr = xn + rv  # the plain step T(x)
+        if self.k > 0:
+            slot = (self.k - 1) % m
+            np.subtract(xr, self.xr_prev, out=self.dXF[slot])
+            np.subtract(rv, Z[m], out=Z[slot])
+            self.w[slot] = 1.0
+        Z[m] = rv
+        M = (Z @ Z.T).astype(np.float64)
+        rn = M[m, m]
+        if not rn <= self.rn_prev:  # the residual grew (or is not finite): restart
+            self.w[:] = 0.0
+        self.xr_prev, self.rn_prev = xr, rn
+        self.k += 1
+        out = xr
+        valid = np.flatnonzero(self.w)
+        if valid.size:
+            # Empty slots have γ = 0 (in _Anderson through a unit diagonal): solve over the valid ones only.
+            G = M[valid[:, None], valid]
+            G.flat[:: valid.size + 1] += G.trace() * self.reg + self.tiny
+            try:
+                gamma = np.linalg.solve(G, M[valid, m])
+            except np.linalg.LinAlgError:
+                gamma = np.zeros(valid.size)
+            if np.isfinite(gamma).all():  # else γ = 0, as in _Anderson
+                out = xr - gamma.astype(xr.dtype) @ self.dXF[valid]
+        # numpy's mean() is slow on small arrays (a Python-level wrapper); sum() is its reduction alone.
+        return torch.from_numpy(out - out.sum() / out.size)
+
+
 class _TritonAnderson:
     """:class:`got_reg.solvers._triton.Anderson`; if its kernel raises, the step is reported once and the
     solve goes on with a fresh :class:`_Anderson` (a restart, as when the residual grows)."""
@@ -156,9 +210,12 @@ class _TritonAnderson:
         return self.impl.step(x, r)
 
 
-def _anderson(x: torch.Tensor, memory: int) -> _Anderson | _TritonAnderson:
-    """The Anderson state for iterates like x: one Triton launch per step on CUDA float32, else torch."""
+def _anderson(x: torch.Tensor, memory: int) -> _Anderson | _HostAnderson | _TritonAnderson:
+    """The Anderson state for iterates like x: the small system on the host on CPU, one Triton launch per
+    step on CUDA float32, else torch on the device."""
     reg = ANDERSON_REG[x.dtype]
+    if x.device.type == "cpu":
+        return _HostAnderson(x, memory, reg)
     tri = triton_module() if x.is_cuda else None
     if tri is not None and tri.anderson_supported(x):
         return _TritonAnderson(tri, x, memory, reg)

@@ -1,6 +1,7 @@
 """benchmarks/: `gpu_check.sh --device cpu --quick` runs every step and writes tables with the expected rows and
-numbers that parse, and bench_acceleration's quick mode runs. No timing is asserted: what a shared CPU measures
-says nothing about the targets (those are read off the GPU tables, benchmarks/README.md).
+numbers that parse, and the quick modes of bench_acceleration and bench_cpu_paths run. No timing is asserted:
+what a shared CPU measures says nothing about the targets (those are read off the GPU tables,
+benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -160,6 +161,26 @@ def test_acceleration_quick(tmp_path):
     assert all(r["err_aa"] <= 1e-3 for r in rows)
     assert all(r["value_diff"] < 1e-3 for r in rows if r["err_plain"] <= 1e-3)
     assert (tmp_path / "acceleration_cpu_quick.md").read_text().startswith("# ")
+
+
+def test_cpu_paths_quick(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_cpu_paths", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    rows = json.loads((tmp_path / "cpu_paths_quick.json").read_text())["rows"]
+    assert {(r["mask"], r["variant"]) for r in rows} == {
+        (m, v) for m in (False, True) for v in ("before", "kernel LSE", "host step", "after (default)")
+    }
+    # every variant solves the same problems to tol; 'before' is its own reference
+    assert all(r["converged"] for r in rows)
+    assert all(r["ratio"] == 1.0 and r["value_diff"] == 0.0 for r in rows if r["variant"] == "before")
+    assert all(r["value_diff"] < 1e-3 and r["plan_diff_l1"] < 1e-2 for r in rows)
+    assert (tmp_path / "cpu_paths_quick.md").read_text().startswith("# ")
 
 
 def test_calibration_picks_the_loosest_setting_within_the_target():

@@ -1,8 +1,9 @@
 """The row log-sum-exp operators, the in-place row softmax and exp_plan against torch in float64.
 
 A has +∞ entries (forbidden pairs): with the solvers' negative scale they are −∞ exponents that must
-contribute exactly 0. The CPU operator works in row blocks; ``lse._BLOCK_ELEMENTS`` is patched small so
-that several blocks (the last one short) run on a small matrix.
+contribute nothing. The blocked CPU operator works in row blocks; ``lse._BLOCK_ELEMENTS`` is patched small
+so that several blocks (the last one short) run on a small matrix. The kernel operator caches exp(s·A + w̄)
+and is checked on the calls between its builds as well.
 """
 
 import math
@@ -34,8 +35,10 @@ def tolerance(A, w, scale):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("block_rows", [None, 5, 1])
-@pytest.mark.parametrize("op", [lse.BlockedLSE, lse.PlainLSE])
+@pytest.mark.parametrize(
+    "op, block_rows",
+    [(lse.BlockedLSE, None), (lse.BlockedLSE, 5), (lse.BlockedLSE, 1), (lse.PlainLSE, None), (lse.KernelLSE, None)],
+)
 def test_row_lse_matches_torch_logsumexp(dtype, block_rows, op, monkeypatch):
     A, w = problem(dtype)
     if block_rows is not None:
@@ -51,6 +54,33 @@ def test_row_lse_matches_torch_logsumexp(dtype, block_rows, op, monkeypatch):
     torch.testing.assert_close(A, problem(dtype)[0])  # A is read, never written
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kernel_lse_between_builds(dtype):
+    """KernelLSE against float64 logsumexp along a sequence of w like a solve's: moves of spread ≤ τ reuse
+    the kernel (a matrix-vector product; the build count stays), a constant shift of any size too, a
+    larger move or a new scale rebuilds it. Exact answers every time (the problem spans far more than
+    e^−87 in each row, with forbidden entries and a row with one allowed entry)."""
+    A, w0 = problem(dtype)
+    g = torch.Generator().manual_seed(1)
+    f = lse.KernelLSE(A)
+    tau = lse._KERNEL_SPREAD
+    steps = [  # (w, scale, builds after the call)
+        (w0, -10.0, 1),
+        (w0 + 0.3 * tau * torch.rand(48, generator=g, dtype=dtype), -10.0, 1),
+        (w0 - 0.9 * tau * torch.rand(48, generator=g, dtype=dtype), -10.0, 1),
+        (w0 + 1e3, -10.0, 1),  # a constant: spread 0
+        (w0 + 2.0 * tau * torch.rand(48, generator=g, dtype=dtype), -10.0, 2),
+        (w0, -0.5, 3),
+        (w0 + 0.5 * tau * torch.linspace(0, 1, 48, dtype=dtype), -0.5, 3),
+    ]
+    for k, (w, scale, builds) in enumerate(steps):
+        got = f(w, scale)
+        assert f.builds == builds, k
+        assert got.dtype == dtype and got.shape == (A.shape[0],)
+        torch.testing.assert_close(got.double(), reference_lse(A, w, scale), rtol=0, atol=tolerance(A, w, scale))
+    torch.testing.assert_close(A, problem(dtype)[0])  # A is read, never written
+
+
 def test_blocked_lse_floors_only_terms_that_cannot_matter():
     """A row whose terms span far more than e^−708: the floored sum equals the exact one."""
     A = torch.tensor([[0.0, 800.0, 2000.0, math.inf], [1.0, 1.0, 1.0, 1.0]], dtype=torch.float64)
@@ -60,8 +90,11 @@ def test_blocked_lse_floors_only_terms_that_cannot_matter():
 
 
 def test_row_lse_picks_the_operator_for_the_device():
-    assert isinstance(lse.row_lse(torch.zeros(3, 4)), lse.BlockedLSE)
-    assert isinstance(lse.row_lse(torch.zeros(3, 4, dtype=torch.float64)), lse.BlockedLSE)
+    assert lse._KERNEL_MAX_ELEMENTS == 2**24
+    assert isinstance(lse.row_lse(torch.zeros(3, 4)), lse.KernelLSE)
+    assert isinstance(lse.row_lse(torch.zeros(3, 4, dtype=torch.float64)), lse.KernelLSE)
+    # Beyond _KERNEL_MAX_ELEMENTS no kernel is kept: the blocked operator.
+    assert isinstance(lse.row_lse(torch.zeros(2**12, 2**12 + 1)), lse.BlockedLSE)
     # No exponent floor for half precision on CPU: the plain reduction.
     assert isinstance(lse.row_lse(torch.zeros(3, 4, dtype=torch.bfloat16)), lse.PlainLSE)
     assert lse.exp_floor(torch.zeros(1)) == -87.0 and lse.exp_floor(torch.zeros(1, dtype=torch.float64)) == -708.0

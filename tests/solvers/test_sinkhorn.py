@@ -99,7 +99,12 @@ def test_small_theta_tends_to_exact_ot():
 @pytest.mark.parametrize("theta", [1e-2, 1e-3])
 def test_small_theta_and_large_costs_in_fp32(theta):
     """Costs up to 1e3 at θ = 1e-3: exponents of 1e6 in fp32 stay finite, the warning is given exactly when
-    the returned plan misses tol, and the value lies within the entropic bound of exact OT."""
+    the returned plan misses tol, and the value lies within the entropic bound of exact OT.
+
+    At θ = 1e-3 float32 resolves exponents of 1e6 only to 0.06 (its spacing there), so the marginal error
+    floors near 6% and the solve stops unconverged, with a warning. Its value is then a dual objective away
+    from the optimum, below W_θ by an amount that depends on the path the rounding takes (measured 0.05% to
+    0.2% below exact OT for different Anderson steps and log-sum-exp operators): only a 1% bound is claimed."""
     g = torch.Generator().manual_seed(0)
     C = (torch.rand(32, 32, generator=g) * 1e3).requires_grad_(True)
     with warnings.catch_warnings(record=True) as caught:
@@ -111,7 +116,8 @@ def test_small_theta_and_large_costs_in_fp32(theta):
     exact = ot.emd2(np.full(32, 1 / 32), np.full(32, 1 / 32), C.detach().double().numpy())
     # The value is the dual objective with exact columns: ≤ W_θ ≤ exact + θ log B² by weak duality.
     assert float(v.detach()) <= exact + theta * math.log(32**2) + 1e-4 * exact
-    assert float(v.detach()) >= exact - 1e-3 * exact
+    assert float(v.detach()) >= exact - (1e-2 if warned else 1e-3) * exact
+    assert warned or theta == 1e-2  # converged at θ = 1e-2 (894 sweeps when written); not at 1e-3
     assert float(grad.min()) >= 0  # the gradient is the returned plan
 
 
@@ -145,14 +151,37 @@ def test_anderson_gives_the_reference_answer_in_fewer_sweeps():
     assert int(fast.iterations) * 3 < int(plain.iterations), (fast.iterations, plain.iterations)
 
 
-def test_anderson_step_is_the_least_squares_extrapolation():
-    """_Anderson.step against its definition (Walker & Ni 2011, type II) written out with a dense
-    least-squares solve (tests/fused_reference.py): the ring keeps the last `memory` differences, a growing
-    residual drops them all, the step with no history is the plain x + r, and the result has mean 0."""
+@pytest.mark.parametrize("kind", ["_Anderson", "_HostAnderson"])
+def test_anderson_step_is_the_least_squares_extrapolation(kind):
+    """_Anderson.step (on the device) and _HostAnderson.step (CPU, numpy) against the definition (Walker & Ni
+    2011, type II) written out with a dense least-squares solve (tests/fused_reference.py): the ring keeps
+    the last `memory` differences, a growing residual drops them all, the step with no history is the
+    plain x + r, and the result has mean 0."""
     n, memory, reg = 12, 3, 1e-10
-    acc = sinkhorn._Anderson(torch.zeros(n, dtype=torch.float64), memory, reg)
+    acc = getattr(sinkhorn, kind)(torch.zeros(n, dtype=torch.float64), memory, reg)
     for x, r, want in anderson_steps(n, memory, reg, seed=0):
-        torch.testing.assert_close(acc.step(x, r), want, rtol=1e-10, atol=1e-12)
+        got = acc.step(x, r)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_host_anderson_step_in_float32_and_on_non_finite_residuals():
+    """In float32 the host step agrees with the device step to float32 rounding (its small system is solved
+    in float64) and returns float32; a non-finite residual is a restart: the plain step, then a fresh history."""
+    n, memory, reg = 300, 8, sinkhorn.ANDERSON_REG[torch.float32]
+    host = sinkhorn._HostAnderson(torch.zeros(n), memory, reg)
+    device = sinkhorn._Anderson(torch.zeros(n), memory, reg)
+    for x, r, _ in anderson_steps(n, memory, reg, seed=2, dtype=torch.float32):
+        got = host.step(x, r)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, device.step(x, r), rtol=1e-5, atol=2e-6)
+    x, r = torch.linspace(-1.0, 1.0, n), torch.full((n,), math.nan)
+    r[0] = 1.0
+    out = host.step(x, r)
+    assert int(host.w.sum()) == 0 and bool(torch.isnan(out[1:]).all())
+    r = torch.ones(n) * 1e-3
+    torch.testing.assert_close(host.step(x, r), x + r - (x + r).mean())  # no history after the restart
+    assert isinstance(sinkhorn._anderson(torch.zeros(3), 8), sinkhorn._HostAnderson)
 
 
 def test_a_failing_triton_anderson_step_restarts_in_torch(monkeypatch):
