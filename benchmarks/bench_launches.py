@@ -20,9 +20,11 @@ not of the machine, so they can be measured without a GPU:
 On a CPU the counts follow the CUDA path of the default solver at B ≤ 256, where every Sinkhorn solve of a
 call runs in one launch of the fused Triton kernel: the same kernel runs here through Triton's interpreter
 (``TRITON_INTERPRET=1``, set by this script), called through the solver's own CUDA glue
-(``got_reg.solvers.sinkhorn._fused_many``), and the exponent floor of ``got_reg.solvers.lse`` (a CPU speed
-measure, which adds operators to each plan) is switched off while counting, as on a GPU. Without Triton the CPU
-counts follow the torch loop (which scales with the iterations) and the table says so.
+(``got_reg.solvers.sinkhorn._fused_many``); the joint cost takes its Triton kernels the same way
+(``got_reg.costs._triton_cosine_kl``, its gate widened to CPU tensors while counting); and the exponent
+floor of ``got_reg.solvers.lse`` (a CPU speed measure, which adds operators to each plan) is switched off
+while counting, as on a GPU. Without Triton the CPU counts follow the torch loop (which scales with the
+iterations) and the table says so.
 
 Times (median of ``--repeats`` calls after warm-up; perf_counter on CPU, CUDA events on a GPU): got(...) with
 its backward on the real path of the device (the torch loop on CPU), and the joint cost of the debiased call
@@ -119,38 +121,56 @@ class Reads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def _cpu_cost_supported(*tensors: torch.Tensor | None) -> bool:
+    """The cost kernels' gate without its CUDA condition (counting only, under the interpreter)."""
+    return all(t.dtype == torch.float32 and t.dim() == 2 and t.numel() > 0 for t in tensors if t is not None)
+
+
 @contextlib.contextmanager
 def counting():
     """Both counters, with got-reg's Triton entry points wrapped so that each call counts as one launch."""
+    from got_reg.costs import _cosine_kl
     from got_reg.solvers import lse
     from got_reg.solvers.lse import triton_module
 
     kernels, reads = Kernels(), Reads()
     tri = triton_module()
-    saved = {}
+    saved: list[tuple[Any, str, Any]] = []
+
+    def patch(module: Any, name: str, value: Any) -> None:
+        saved.append((module, name, getattr(module, name)))
+        setattr(module, name, value)
+
     # The GPU branches of exp_plan and the dual's row softmax: no exponent floor (a CPU speed measure only;
     # the values are the same).
-    floor, lse.exp_floor = lse.exp_floor, lambda x: None
+    patch(lse, "exp_floor", lambda x: None)
+    entries = []
     if tri is not None:
-        for name in ("sinkhorn_fused", "row_lse"):
-            fn = saved[name] = getattr(tri, name)
+        from got_reg.costs import _triton_cosine_kl as cost_kernels
 
-            def launch(*args, _fn=fn, **kw):
-                kernels.paused = reads.paused = True
-                try:
-                    return _fn(*args, **kw)
-                finally:
-                    kernels.paused = reads.paused = False
-                    kernels.ops["<triton>"] += 1
+        entries = [(tri, "sinkhorn_fused"), (tri, "row_lse"), (cost_kernels, "prep"), (cost_kernels, "post")]
+        if cost_kernels.INTERPRET:
+            # The cost's CUDA branch on CPU tensors (its kernels under the interpreter), as for the solve.
+            patch(_cosine_kl, "_KERNEL_DEVICES", ("cuda", "cpu"))
+            patch(cost_kernels, "cost_supported", _cpu_cost_supported)
+    for module, name in entries:
+        fn = getattr(module, name)
 
-            setattr(tri, name, launch)
+        def launch(*args, _fn=fn, **kw):
+            kernels.paused = reads.paused = True
+            try:
+                return _fn(*args, **kw)
+            finally:
+                kernels.paused = reads.paused = False
+                kernels.ops["<triton>"] += 1
+
+        patch(module, name, launch)
     try:
         with kernels, reads:
             yield kernels, reads
     finally:
-        lse.exp_floor = floor
-        for name, fn in saved.items():
-            setattr(tri, name, fn)
+        for module, name, value in reversed(saved):
+            setattr(module, name, value)
 
 
 def interpreted_fused_backend():

@@ -26,7 +26,8 @@
 #   wheels       10 s  (two local wheels install in seconds; 2 s measured)
 #   self-check   75 s  (compiles and checks each Triton kernel at sizes up to 8192², then times them; 49 s before
 #                      Anderson acceleration, over 60 s after with 1000-sweep timings, which are now ≤ 200)
-#   cuda tests   30 s  (pytest: tests/test_graphs.py and the CUDA cases of tests/solvers/test_sinkhorn.py; 20 s)
+#   cuda tests   45 s  (pytest: tests/test_graphs.py, the CUDA cases of tests/solvers/test_sinkhorn.py (20 s
+#                      measured) and tests/costs/test_triton_cosine_kl.py on the GPU (not yet measured))
 #   solver grid  95 s  hard limit; --time-limit 70 inside: after it only the default's and the reference rows
 #                      run, and the tables are rewritten after every problem, so a problem cut off by the hard
 #                      limit loses only itself. B = 8192 dominates (float64 Newton reference a few seconds; POT
@@ -37,7 +38,7 @@
 #   acceleration 55 s  the three solves of a GOT call timed with Anderson memories 8, 4 and 0 on a trained
 #                      SmallCNN's costs, 2 batches (bench_acceleration; B = 128: one fused launch; 512: the
 #                      torch loop; 48 s measured with 3 batches and B = 256 too).
-#   epoch        95 s  one MNIST epoch (20000 points) of TRADES, GOT-LM and GOT-LM with cuda_graphs, alone and 4
+#   epoch        80 s  one MNIST epoch (16000 points) of TRADES, GOT-LM and GOT-LM with cuda_graphs, alone and 4
 #                      runs sharing the GPU (121-138 s measured at 30000 points).
 #   total       465 s of limits, + at most 15 s for the environment report: 8 minutes (ONLY= for a short lease).
 # ONLY="step ..." runs only the named steps (e.g. ONLY="cuda_tests overhead" for a short lease).
@@ -90,9 +91,9 @@ if [ ${#QUICK[@]} -gt 0 ]; then
     SOLVER_LIMIT=() OVERHEAD_LIMIT=()
 else
     # Each limit can be lowered from the environment to fit a shorter lease (e.g. T_SOLVERS=120 SOFT_SOLVERS=90).
-    T_ENV=${T_ENV:-15} T_WHEELS=${T_WHEELS:-10} T_SELFCHECK=${T_SELFCHECK:-75} T_TESTS=${T_TESTS:-30}
+    T_ENV=${T_ENV:-15} T_WHEELS=${T_WHEELS:-10} T_SELFCHECK=${T_SELFCHECK:-75} T_TESTS=${T_TESTS:-45}
     T_SOLVERS=${T_SOLVERS:-95} T_OVERHEAD=${T_OVERHEAD:-80} T_LAUNCHES=${T_LAUNCHES:-25} T_ACCEL=${T_ACCEL:-55}
-    T_EPOCH=${T_EPOCH:-95}
+    T_EPOCH=${T_EPOCH:-80}
     SOLVER_LIMIT=(--time-limit "${SOFT_SOLVERS:-70}") OVERHEAD_LIMIT=(--time-limit "${SOFT_OVERHEAD:-45}")
 fi
 [ "$DEVICE" = cpu ] && KIND=cpu || KIND=gpu
@@ -185,7 +186,7 @@ fi
 
 if [ "$DEVICE" != cpu ]; then
     step cuda_tests "$T_TESTS" "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_graphs.py \
-        tests/solvers/test_sinkhorn.py -k "graphs or cuda"
+        tests/solvers/test_sinkhorn.py tests/costs/test_triton_cosine_kl.py -k "graphs or cuda or triton_cosine_kl"
 else
     echo "| cuda_tests | skipped (--device cpu; CI runs them as skips) | | |" >>"$STEPS"
 fi
@@ -200,7 +201,7 @@ ACCEL_ARGS=(--batch 128 512 --batches 2)
 step acceleration "$T_ACCEL" "$PYTHON" -m benchmarks.bench_acceleration --device "$DEVICE" --out "$OUTDIR" \
     "${DATA_DIR[@]}" "${ACCEL_ARGS[@]}"
 
-EPOCH_ARGS=(--train-subset "${EPOCH_POINTS:-20000}" --reps "${EPOCH_REPS:-1}")
+EPOCH_ARGS=(--train-subset "${EPOCH_POINTS:-16000}" --reps "${EPOCH_REPS:-1}")
 [ ${#QUICK[@]} -gt 0 ] && EPOCH_ARGS=(--quick --reps 1)
 [ "$DEVICE" != cpu ] && EPOCH_ARGS+=(--graphs)
 step epoch "$T_EPOCH" "$PYTHON" -m benchmarks.bench_epoch --device "$DEVICE" --out "$OUTDIR" "${DATA_DIR[@]}" \

@@ -375,6 +375,103 @@ def aot(T, arch=90, quick=False):
             BLOCK=block,
         )
         compile_one("anderson", T._anderson_kernel, args, 4, f"n={n} memory={memory} block {block}")
+
+    # The fused cosine + KL cost's two kernels (got_reg/costs/_triton_cosine_kl.py): GOT's batch sizes, a
+    # small and a wide feature layer, 10 to 1000 classes.
+    try:
+        from got_reg.costs import _triton_cosine_kl as KC
+    except Exception as e:
+        rows.append(dict(kernel="cost", case="import", num_warps=0, ok=False, error=f"{type(e).__name__}: {e}"))
+        return rows
+    cost_cases = [(128, 512, 10)] if quick else [(128, 512, 10), (128, 16384, 1000), (1024, 2048, 100)]
+    for B, D, M in cost_cases:
+        cfg = KC.cost_config(D, M, B)
+        blocks = f"blocks {cfg['BLOCK_D']}/{cfg['BLOCK_M']}"
+        z, lg, za, lga = torch.empty(B, D), torch.empty(B, M), torch.empty(B, D), torch.empty(B, M)
+        left, right, log_p, unit_adv = torch.empty(B, D + M), torch.empty(B, D + M), torch.empty(B, M), za
+        vec = torch.empty(B)
+        for same in (True, False):
+            lp = right[:, D:] if same else log_p
+            args = dict(
+                Z=z,
+                LG=lg,
+                ZA=za,
+                LGA=lga,
+                LEFT=left,
+                RIGHT=right,
+                LOGP=lp,
+                UNIT_ADV=unit_adv,
+                ROW=vec,
+                INV=vec,
+                INV_ADV=vec,
+                B=B,
+                D=D,
+                M=M,
+                s_z=z.stride(0),
+                s_lg=lg.stride(0),
+                s_za=za.stride(0),
+                s_lga=lga.stride(0),
+                s_left=left.stride(0),
+                s_right=right.stride(0),
+                s_logp=lp.stride(0),
+                s_ua=unit_adv.stride(0),
+                lam=0.5,
+                eps=1e-12,
+                SAME=same,
+                STORE_UNIT_ADV=not same,
+                BLOCK_D=cfg["BLOCK_D"],
+                BLOCK_M=cfg["BLOCK_M"],
+            )
+            label = f"{B}x{D}+{M} {'self' if same else 'cross'} {blocks}"
+            compile_one("cost_prep", KC._prep_kernel, args, cfg["num_warps"], label)
+        G = torch.empty(B, B)
+        R, S = torch.empty(B, D + M), torch.empty(B, D + M)
+        gz, gl = torch.empty(B, D), torch.empty(B, M)
+        # Self-cost; cross with all four gradients; anchor="clean" (only the adversarial side's).
+        for same, needs in ((True, (1, 1, 0, 0)), (False, (1, 1, 1, 1)), (False, (0, 0, 1, 1))):
+            lp = right[:, D:] if same else log_p
+            args = dict(
+                G=G,
+                R=R,
+                S=S,
+                LEFT=left,
+                LOGP=lp,
+                INV=vec,
+                UNIT_ADV=unit_adv,
+                INV_ADV=vec,
+                LOGQ=right[:, D:],
+                GZ=gz,
+                GL=gl,
+                GZA=gz,
+                GLA=gl,
+                n_clean=B,
+                Bp=B,
+                D=D,
+                M=M,
+                s_g0=G.stride(0),
+                s_g1=G.stride(1),
+                s_r=R.stride(0),
+                s_s=S.stride(0),
+                s_left=left.stride(0),
+                s_logp=lp.stride(0),
+                s_ua=unit_adv.stride(0),
+                s_logq=right.stride(0),
+                s_gz=gz.stride(0),
+                s_gl=gl.stride(0),
+                s_gza=gz.stride(0),
+                s_gla=gl.stride(0),
+                lam=0.5,
+                SAME=same,
+                NEED_Z=bool(needs[0]),
+                NEED_L=bool(needs[1]),
+                NEED_ZA=bool(needs[2]),
+                NEED_LA=bool(needs[3]),
+                BLOCK_D=cfg["BLOCK_D"],
+                BLOCK_M=cfg["BLOCK_M"],
+                BLOCK_G=cfg["BLOCK_G"],
+            )
+            kind = "self" if same else ("cross" if needs[0] else "cross adv-only")
+            compile_one("cost_post", KC._post_kernel, args, cfg["num_warps"], f"{B}x{D}+{M} {kind} {blocks}")
     return rows
 
 

@@ -19,8 +19,16 @@ are the same tensors (the self-cost of the Sinkhorn divergence, over the stacked
 are built once and the two sides' gradients are summed.
 
 Autograd would compose this from ~30 forward operators and ~45 backward ones (normalisation, two
-log_softmax, the concatenations, the addmm and the clamp, each with its backward); this node uses ~15 and
-~20. On a GPU at GOT's batch sizes every operator is a kernel launch whose cost dwarfs its arithmetic.
+log_softmax, the concatenations, the addmm and the clamp, each with its backward); this node's torch code
+uses ~15 and ~20. On a GPU at GOT's batch sizes every operator is a kernel launch whose cost dwarfs its
+arithmetic, so on CUDA float32 tensors, with Triton installed, the node takes the kernels of
+:mod:`got_reg.costs._triton_cosine_kl` instead: the forward is one Triton launch (both sides' factors,
+r and 1/|z|) + the addmm + its clamp; the backward is the two matrix products R and S (only those the
+requested gradients need) + one Triton launch that writes every requested gradient. The torch code
+stays for CPU, float64, ``GOT_REG_DISABLE_TRITON=1``, and as the fallback: a kernel that raises is
+reported once (:func:`got_reg.solvers.lse.triton_failed`, which turns the kernels off for the process)
+and the same call goes on in torch. Both paths save the same tensors, so either backward follows
+either forward.
 
 The output is clamped at 0 (each term is ≥ 0; rounding leaves KL(p‖p) at −1e-7). The backward is that of
 the unclamped expression: the two differ only on pairs whose cost is 0 up to rounding, where the true
@@ -29,12 +37,32 @@ gradient is 0 up to rounding as well. The backward is not itself differentiable 
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..solvers.lse import triton_failed
 from .feature import unit_rows
+
+# Device types whose tensors may take the Triton kernels (the tests add "cpu" to run them interpreted).
+_KERNEL_DEVICES = ("cuda",)
+
+
+def _kernels(*tensors: torch.Tensor | None) -> ModuleType | None:
+    """:mod:`got_reg.costs._triton_cosine_kl` if some tensor is on a GPU and Triton is on for the process
+    (installed, not turned off by ``GOT_REG_DISABLE_TRITON=1``, no kernel failed), else None.
+
+    Imported on first use: CPU work never imports Triton, which also decides at its import whether kernels
+    are compiled or interpreted."""
+    if not any(t is not None and t.device.type in _KERNEL_DEVICES for t in tensors):
+        return None
+    try:
+        from . import _triton_cosine_kl
+    except ImportError:  # a broken install: the torch path still works
+        return None
+    return _triton_cosine_kl if _triton_cosine_kl.enabled() else None
 
 
 def _unit_backward(grad_unit: torch.Tensor, unit: torch.Tensor, inv: torch.Tensor, scale: float) -> torch.Tensor:
@@ -59,6 +87,18 @@ class CosineKL(torch.autograd.Function):
     ) -> torch.Tensor:
         same = z_adv is None
         D = z.shape[1]
+        tri = _kernels(z, logits, z_adv, logits_adv)
+        if tri is not None and tri.forward_supported(z, logits, z_adv, logits_adv):
+            try:
+                cost, f = tri.forward(
+                    z, logits, z_adv, logits_adv, lam, eps, keep_unit_adv=bool(ctx.needs_input_grad[2])
+                )
+            except Exception as exc:  # noqa: BLE001 - any kernel failure falls back to torch
+                triton_failed(exc)
+            else:
+                ctx.lam, ctx.D, ctx.same = lam, D, same
+                ctx.save_for_backward(f.left, f.right, f.log_p, f.inv, f.unit_adv, f.inv_adv, f.log_q)
+                return cost
         unit, inv = unit_rows(z, eps)
         log_p = torch.log_softmax(logits, dim=1)
         p = log_p.exp()
@@ -85,6 +125,16 @@ class CosineKL(torch.autograd.Function):
         lam, D, same = ctx.lam, ctx.D, ctx.same
         unit, p = left[:, :D], left[:, D:]
         need_z, need_l, need_za, need_la = ctx.needs_input_grad[:4]
+        tri = _kernels(grad, left)
+        if tri is not None and tri.cost_supported(grad, left, right, log_p, unit_adv, log_q):
+            try:
+                grads = tri.backward(
+                    grad, left, right, log_p, inv, unit_adv, inv_adv, log_q, lam, D, same, ctx.needs_input_grad[:4]
+                )
+            except Exception as exc:  # noqa: BLE001 - any kernel failure falls back to torch
+                triton_failed(exc)
+            else:
+                return (*grads, None, None)
         R = grad @ right  # ∂L/∂left = −R
         S = grad.T @ left  # ∂L/∂right = −S
         R_z, R_l, S_z, S_l = R[:, :D], R[:, D:], S[:, :D], S[:, D:]
