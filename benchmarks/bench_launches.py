@@ -121,11 +121,6 @@ class Reads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def _cpu_cost_supported(*tensors: torch.Tensor | None) -> bool:
-    """The cost kernels' gate without its CUDA condition (counting only, under the interpreter)."""
-    return all(t.dtype == torch.float32 and t.dim() == 2 and t.numel() > 0 for t in tensors if t is not None)
-
-
 @contextlib.contextmanager
 def counting():
     """Both counters, with got-reg's Triton entry points wrapped so that each call counts as one launch."""
@@ -152,7 +147,6 @@ def counting():
         if cost_kernels.INTERPRET:
             # The cost's CUDA branch on CPU tensors (its kernels under the interpreter), as for the solve.
             patch(_cosine_kl, "_KERNEL_DEVICES", ("cuda", "cpu"))
-            patch(cost_kernels, "cost_supported", _cpu_cost_supported)
     for module, name in entries:
         fn = getattr(module, name)
 

@@ -46,7 +46,8 @@ from torch.autograd.function import once_differentiable
 from ..solvers.lse import triton_failed
 from .feature import unit_rows
 
-# Device types whose tensors may take the Triton kernels (the tests add "cpu" to run them interpreted).
+# Device types whose tensors may take the Triton kernels; the one switch for them (the tests and
+# benchmarks.bench_launches add "cpu" to run them interpreted).
 _KERNEL_DEVICES = ("cuda",)
 
 

@@ -62,19 +62,29 @@ _WARPS = 4
 
 
 def cost_supported(*tensors: torch.Tensor | None) -> bool:
-    """Whether the kernels take these tensors (None entries are skipped): Triton present and not interpreted,
-    all CUDA float32, 2-D and non-empty.
+    """Whether the kernels take these tensors (None entries are skipped): Triton present, all float32, 2-D,
+    non-empty, on a device type the node sends to the kernels (``_cosine_kl._KERNEL_DEVICES``: CUDA) and
+    for which they were built (CUDA compiled; CPU only under the interpreter).
 
-    False on CPU even under the interpreter (tests call the kernels directly), so that the cost never
-    routes CPU work through the interpreter.
+    So CPU tensors are refused even under the interpreter (tests call the kernels directly), unless a test
+    or a launch count adds "cpu" to the node's device types: the cost never routes CPU work through the
+    interpreter by itself.
     """
+    from ._cosine_kl import _KERNEL_DEVICES
+
     ts = [t for t in tensors if t is not None]
     return (
         _HAVE_TRITON
         and available()
-        and not INTERPRET
         and len(ts) > 0
-        and all(t.is_cuda and t.dtype == torch.float32 and t.dim() == 2 and t.numel() > 0 for t in ts)
+        and all(
+            t.device.type in _KERNEL_DEVICES
+            and ((t.is_cuda and not INTERPRET) or (t.device.type == "cpu" and INTERPRET))
+            and t.dtype == torch.float32
+            and t.dim() == 2
+            and t.numel() > 0
+            for t in ts
+        )
     )
 
 

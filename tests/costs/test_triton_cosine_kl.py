@@ -1,14 +1,11 @@
 """The Triton kernels of the fused cosine + KL cost (:mod:`got_reg.costs._triton_cosine_kl`) against float64
 torch expressions, autograd through the separate public costs, and the node's torch path.
 
-Without a CUDA device the kernels run on CPU tensors through Triton's interpreter: TRITON_INTERPRET=1 must
-be set when the kernels are decorated, so it is set here before triton is imported, and the modules are
-reloaded if something imported them earlier without it (then the variable is restored), as in
-tests/solvers/test_triton.py. The node itself never sends CPU tensors to the kernels; the end-to-end tests
-widen its gate to CPU tensors for the duration of a test.
+Without a CUDA device the kernels run on CPU tensors through Triton's interpreter (tests/interpreted.py).
+The node itself never sends CPU tensors to the kernels; the end-to-end tests widen its gate to CPU tensors
+(``_cosine_kl._KERNEL_DEVICES``) for the duration of a test.
 """
 
-import importlib
 import os
 import subprocess
 import sys
@@ -17,36 +14,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from interpreted import CUDA, DEVICE, kernel_modules
 
 from got_reg.costs import CosineCost, KLCost, _cosine_kl
 from got_reg.costs._cosine_kl import CosineKL
 from got_reg.solvers import lse
 
-_CUDA = torch.cuda.is_available()
-_saved_env = os.environ.get("TRITON_INTERPRET")
-if not _CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    triton = pytest.importorskip("triton")
-    try:  # imported lazily at the first launch, and it checks TRITON_INTERPRET then: import it now
-        import triton.experimental.gluon  # noqa: F401
-    except ImportError:
-        pass
-    from got_reg.costs import _triton_cosine_kl as K
-    from got_reg.solvers import _triton as T
-
-    # K takes INTERPRET and the launch helpers from T: T first, then K.
-    if not _CUDA and not T.INTERPRET:
-        T = importlib.reload(T)
-    if not _CUDA and not K.INTERPRET:
-        K = importlib.reload(K)
-finally:
-    if _saved_env is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved_env
-
-DEVICE = "cuda" if _CUDA else "cpu"
+# K takes INTERPRET and the launch helpers from T: T first, then K.
+T, K = kernel_modules("got_reg.solvers._triton", "got_reg.costs._triton_cosine_kl")
 ROOT = Path(__file__).resolve().parents[2]
 F64 = dict(dtype=torch.float64)
 
@@ -117,11 +92,6 @@ def kernels_on_cpu(monkeypatch):
     monkeypatch.delenv("GOT_REG_DISABLE_TRITON", raising=False)
     monkeypatch.setattr(lse, "_TRITON_FAILED", False)  # restored afterwards: other tests keep their kernels
     monkeypatch.setattr(_cosine_kl, "_KERNEL_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(
-        K,
-        "cost_supported",
-        lambda *ts: all(t.dtype == torch.float32 and t.dim() == 2 and t.numel() > 0 for t in ts if t is not None),
-    )
     calls = {"prep": 0, "post": 0}
     for name in calls:
         real = getattr(K, name)
@@ -389,7 +359,7 @@ def test_cost_supported_refuses_cpu_and_float64(monkeypatch):
     assert not K.forward_supported(x, x, None, None)
     monkeypatch.setenv("GOT_REG_DISABLE_TRITON", "1")
     assert not K.enabled()
-    if _CUDA and not K.INTERPRET:
+    if CUDA and not K.INTERPRET:
         xc = x.cuda()
         assert K.cost_supported(xc, xc, None) and K.forward_supported(xc, xc, xc, xc)
         assert not K.cost_supported(xc.double()) and not K.cost_supported(xc[0]) and not K.cost_supported(xc[:0])

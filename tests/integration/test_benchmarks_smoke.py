@@ -145,16 +145,21 @@ def test_overhead_tables(gpu_check):
     assert all(c[col] == "n/a" for c in body)
 
 
-def test_acceleration_quick(tmp_path):
+def _quick_rows(script: str, out, stem: str) -> list:
+    """Run ``python -m benchmarks.<script> --quick --out OUT``; the rows of its OUT/<stem>.json."""
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_acceleration", "--quick", "--out", str(tmp_path)],
+        [sys.executable, "-m", f"benchmarks.{script}", "--quick", "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=900,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    rows = json.loads((tmp_path / "acceleration_cpu_quick.json").read_text())["rows"]
+    return json.loads((out / f"{stem}.json").read_text())["rows"]
+
+
+def test_acceleration_quick(tmp_path):
+    rows = _quick_rows("bench_acceleration", tmp_path, "acceleration_cpu_quick")
     assert {r["mask"] for r in rows} == {False, True}
     assert {r["problem"] for r in rows} == {"cross", "clean-clean", "adv-adv"}
     # the accelerated solve meets the tolerance, and agrees with plain Sinkhorn where that converged too
@@ -164,15 +169,7 @@ def test_acceleration_quick(tmp_path):
 
 
 def test_cpu_paths_quick(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_cpu_paths", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
-    rows = json.loads((tmp_path / "cpu_paths_quick.json").read_text())["rows"]
+    rows = _quick_rows("bench_cpu_paths", tmp_path, "cpu_paths_quick")
     assert {(r["mask"], r["variant"]) for r in rows} == {
         (m, v) for m in (False, True) for v in ("before", "kernel LSE", "host step", "after (default)")
     }

@@ -1,13 +1,10 @@
 """The optional Triton kernels (:mod:`got_reg.solvers._triton`) against plain-torch references.
 
-Without a CUDA device the kernels run on CPU tensors through Triton's interpreter: TRITON_INTERPRET=1
-must be set when the kernels are decorated, so it is set here before triton is imported, and the module
-is reloaded if something imported it earlier without it (then the variable is restored). The
+Without a CUDA device the kernels run on CPU tensors through Triton's interpreter (tests/interpreted.py). The
 ahead-of-time compilation for sm_90 (the real compiler down to a cubin, no GPU needed) and the GPU
 self-check script run in subprocesses with their own environments.
 """
 
-import importlib
 import json
 import math
 import os
@@ -27,28 +24,9 @@ from fused_reference import (
     reference_solve,
     value_gap_bound,
 )
+from interpreted import CUDA, DEVICE, kernel_modules
 
-_CUDA = torch.cuda.is_available()
-_saved_env = os.environ.get("TRITON_INTERPRET")
-if not _CUDA:
-    os.environ["TRITON_INTERPRET"] = "1"
-try:
-    triton = pytest.importorskip("triton")
-    try:  # imported lazily at the first launch, and it checks TRITON_INTERPRET then: import it now
-        import triton.experimental.gluon  # noqa: F401
-    except ImportError:
-        pass
-    from got_reg.solvers import _triton as T
-
-    if not _CUDA and not T.INTERPRET:
-        T = importlib.reload(T)
-finally:
-    if _saved_env is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved_env
-
-DEVICE = "cuda" if _CUDA else "cpu"
+(T,) = kernel_modules("got_reg.solvers._triton")
 ROOT = Path(__file__).resolve().parents[2]
 SELFCHECK = ROOT / "benchmarks" / "triton_selfcheck.py"
 
@@ -378,7 +356,7 @@ def test_anderson_kernel_rejects_bad_input():
     with pytest.raises(ValueError, match=r"contiguous float32 \(10,\)"):
         T.Anderson(x, 8, 1e-4).step(x[:5], x[:5])
     assert not T.anderson_supported(torch.zeros(10))  # never CPU, even interpreted
-    if _CUDA and not T.INTERPRET:
+    if CUDA and not T.INTERPRET:
         assert T.anderson_supported(x) and not T.anderson_supported(x.double())
 
 
@@ -387,7 +365,7 @@ def test_dispatch_helpers():
     C = torch.rand(8, 8)
     assert not T.fused_supported(C) and not T.row_lse_supported(C)  # never CPU, even interpreted
     assert not T.fused_takes(8, 8, torch.float32, C.device)
-    if _CUDA and not T.INTERPRET:
+    if CUDA and not T.INTERPRET:
         Cc = C.cuda()
         assert T.fused_supported(Cc) and T.row_lse_supported(Cc)
         assert not T.fused_supported(torch.rand(8, 300, device="cuda"))
@@ -433,7 +411,7 @@ def test_kernels_compile_ahead_of_time_for_sm90():
 
 @pytest.mark.slow
 def test_selfcheck_script_runs_quick_under_the_interpreter():
-    env = _clean_env() if _CUDA else _clean_env(TRITON_INTERPRET="1")
+    env = _clean_env() if CUDA else _clean_env(TRITON_INTERPRET="1")
     proc = subprocess.run(
         [sys.executable, str(SELFCHECK), "--quick"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=900
     )
