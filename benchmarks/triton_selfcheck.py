@@ -56,7 +56,6 @@ from fused_reference import (  # noqa: E402
     got_cost,
     judge_fused,
     plan,
-    reference_solve,
 )
 
 # ------------------------------------------------------------------------------------ checks
@@ -211,19 +210,6 @@ def timings(T, device):
             )
     except Exception as e:
         say(f"  ERROR timing the Anderson step: {type(e).__name__}: {e}")
-    try:
-        C = block_cost(128, seed=0, device=device).float()
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(3):
-            _, _, it, _ = reference_solve(C, 0.1, max_iter=1000, tol=1e-3, dtype=torch.float32)
-        torch.cuda.synchronize()
-        say(
-            f"  eager torch reference loop, n = m = 128: {(time.perf_counter() - t) / 3 * 1e3:.2f} ms per solve"
-            f" ({it} sweeps)"
-        )
-    except Exception as e:
-        say(f"  ERROR timing the torch loop: {type(e).__name__}: {e}")
 
 
 # ------------------------------------------------------------------------------------ ahead of time

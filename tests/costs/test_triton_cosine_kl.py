@@ -87,8 +87,9 @@ class Ctx:
 
 
 @pytest.fixture
-def kernels_on_cpu(monkeypatch):
-    """The node's gate widened to CPU float32 tensors (the interpreter), Triton on, and spies on the launches."""
+def kernels_spied(monkeypatch):
+    """Triton on, the node's gate widened to CPU float32 tensors (for the interpreter; the node tests put their
+    tensors on DEVICE, so on a CUDA machine the compiled kernels run), and spies on the launches."""
     monkeypatch.delenv("GOT_REG_DISABLE_TRITON", raising=False)
     monkeypatch.setattr(lse, "_TRITON_FAILED", False)  # restored afterwards: other tests keep their kernels
     monkeypatch.setattr(_cosine_kl, "_KERNEL_DEVICES", ("cuda", "cpu"))
@@ -193,7 +194,7 @@ def reference_grads(args, lam, eps, G, needs):
 
 
 def node_grads(args, lam, eps, G, needs):
-    """The node's torch path (CPU float32) for the inputs that ``needs`` asks for."""
+    """The node's torch path (float32, on the inputs' device) for the inputs that ``needs`` asks for."""
     leaves = [t.clone().requires_grad_(bool(n)) if t is not None else None for t, n in zip(args, needs)]
     C = CosineKL.apply(*leaves, lam, eps)
     wanted = [t for t, n in zip(leaves, needs) if n and t is not None]
@@ -282,43 +283,43 @@ def test_post_with_nothing_needed_launches_nothing():
 
 
 @pytest.mark.parametrize("same", [True, False])
-def test_node_takes_the_kernels_and_matches_its_torch_path(kernels_on_cpu, same):
+def test_node_takes_the_kernels_and_matches_its_torch_path(kernels_spied, same):
     B, Bp, D, M, lam, eps = 9, 6, 50, 10, 0.7, 1e-3
-    z, lg, za, lga = inputs(B, Bp, D, M, eps, seed=21)
+    z, lg, za, lga = to_dev(*inputs(B, Bp, D, M, eps, seed=21))
     args = (z, lg, None, None) if same else (z, lg, za, lga)
     needs = (True, True, not same, not same)
-    G = torch.rand(B, B if same else Bp, generator=torch.Generator().manual_seed(4))
+    G = torch.rand(B, B if same else Bp, generator=torch.Generator().manual_seed(4)).to(DEVICE)
 
     leaves = [t.clone().requires_grad_(n) if t is not None else None for t, n in zip(args, needs)]
     C = CosineKL.apply(*leaves, lam, eps)
     got = torch.autograd.grad((G * C).sum(), [t for t in leaves if t is not None])
-    assert kernels_on_cpu == {"prep": 1, "post": 1}
+    assert kernels_spied == {"prep": 1, "post": 1}
 
     with pytest.MonkeyPatch.context() as mp:  # the torch path of the same node
         mp.setenv("GOT_REG_DISABLE_TRITON", "1")
         C_torch = CosineKL.apply(*args, lam, eps)
         ref = node_grads(args, lam, eps, G, needs)
-    assert kernels_on_cpu == {"prep": 1, "post": 1}, "GOT_REG_DISABLE_TRITON=1 turns the kernels off"
+    assert kernels_spied == {"prep": 1, "post": 1}, "GOT_REG_DISABLE_TRITON=1 turns the kernels off"
     close(C, C_torch, 1e-5, 1e-6)
     for a, b in zip(got, [r for r in ref if r is not None]):
         close(a, b, 1e-5, 1e-6)
 
 
-def test_node_anchor_clean_asks_only_the_adversarial_gradients(kernels_on_cpu):
+def test_node_anchor_clean_asks_only_the_adversarial_gradients(kernels_spied):
     """z and logits detached (anchor="clean"): the kernels write only z_adv's and logits_adv's gradients."""
     B, Bp, D, M, lam, eps = 6, 6, 30, 10, 1.0, 1e-12
-    z, lg, za, lga = inputs(B, Bp, D, M, eps, seed=22)
+    z, lg, za, lga = to_dev(*inputs(B, Bp, D, M, eps, seed=22))
     za_, lga_ = za.clone().requires_grad_(True), lga.clone().requires_grad_(True)
-    G = torch.rand(B, Bp, generator=torch.Generator().manual_seed(5))
+    G = torch.rand(B, Bp, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     got = torch.autograd.grad((G * CosineKL.apply(z, lg, za_, lga_, lam, eps)).sum(), (za_, lga_))
-    assert kernels_on_cpu == {"prep": 1, "post": 1}
+    assert kernels_spied == {"prep": 1, "post": 1}
     ref = node_grads((z, lg, za, lga), lam, eps, G, (False, False, True, True))
     close(got[0], ref[2], 1e-5, 1e-6)
     close(got[1], ref[3], 1e-5, 1e-6)
 
 
 @pytest.mark.parametrize("stage", ["prep", "post"])
-def test_a_failing_kernel_warns_once_and_the_call_goes_on_in_torch(kernels_on_cpu, monkeypatch, stage):
+def test_a_failing_kernel_warns_once_and_the_call_goes_on_in_torch(kernels_spied, monkeypatch, stage):
     """A kernel that raises: one RuntimeWarning (triton_failed turns Triton off), the same call finishes in torch
     (a failing post: the torch backward on what the Triton forward saved), later calls stay in torch."""
 
@@ -326,10 +327,9 @@ def test_a_failing_kernel_warns_once_and_the_call_goes_on_in_torch(kernels_on_cp
         raise RuntimeError("no kernel")
 
     B, Bp, D, M, lam, eps = 5, 4, 24, 7, 0.3, 1e-3
-    z, lg, za, lga = inputs(B, Bp, D, M, eps, seed=23)
-    args = (z, lg, za, lga)
+    args = to_dev(*inputs(B, Bp, D, M, eps, seed=23))
     needs = (True, True, True, True)
-    G = torch.rand(B, Bp, generator=torch.Generator().manual_seed(6))
+    G = torch.rand(B, Bp, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("GOT_REG_DISABLE_TRITON", "1")
         C_torch = CosineKL.apply(*args, lam, eps)
@@ -341,7 +341,7 @@ def test_a_failing_kernel_warns_once_and_the_call_goes_on_in_torch(kernels_on_cp
         got = torch.autograd.grad((G * C).sum(), leaves)
     assert len([w for w in record if issubclass(w.category, RuntimeWarning)]) == 1
     assert lse._TRITON_FAILED and not K.enabled()
-    assert kernels_on_cpu == {"prep": 0 if stage == "prep" else 1, "post": 0}
+    assert kernels_spied == {"prep": 0 if stage == "prep" else 1, "post": 0}
     close(C, C_torch, 1e-5, 1e-6)
     for a, b in zip(got, ref):
         close(a, b, 1e-5, 1e-6)
