@@ -241,8 +241,6 @@ class Meter:
     per-step ``.item()`` would make every training step wait for the GPU (and starve runs sharing one).
     """
 
-    _DIAGNOSTICS = ("value", "loss", "w_xy", "iterations", "marginal_error", "converged", "same_label_mass")
-
     def __init__(self, regularizer: nn.Module | None, got: LastValue) -> None:
         self.regularizer = regularizer
         self.got = got
@@ -250,6 +248,7 @@ class Meter:
 
     def reset(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
+        self.diag_sums: dict[tuple[str, ...], torch.Tensor] = {}  # by field names: same_label_mass is LM only
         self.batches = self.seen = 0
         self.correct: torch.Tensor | None = None
 
@@ -268,15 +267,18 @@ class Meter:
                 self._add(k, v)
         diagnostics = getattr(self.regularizer, "diagnostics", None)
         if diagnostics is not None:
-            for k in self._DIAGNOSTICS:
-                v = getattr(diagnostics, k, None)
-                if isinstance(v, torch.Tensor):
-                    self._add(f"got_{k}", v)
+            names, values = diagnostics.numbers()  # one vector: a few kernels a step, not two per field
+            names, values = names[:-1], values[:-1]  # not `finite` (a call with NaN raised or was skipped)
+            key = tuple(f"got_{k}" for k in names)
+            self.diag_sums[key] = values if key not in self.diag_sums else self.diag_sums[key] + values
 
     def averages(self, d: Dist) -> dict[str, float]:
         """Epoch means over all ranks: the loss parts per batch, ``train_acc`` per example (one host read)."""
-        keys = sorted(self.sums)
-        local = [float(v) for v in torch.stack([self.sums[k].cpu() for k in keys]).tolist()] if keys else []
+        sums = dict(self.sums)
+        for names, vector in self.diag_sums.items():
+            sums.update(zip(names, vector.unbind()))
+        keys = sorted(sums)
+        local = [float(v) for v in torch.stack([sums[k].cpu() for k in keys]).tolist()] if keys else []
         correct = int(self.correct) if self.correct is not None else 0
         totals = d.sum(local + [self.batches, self.seen, correct])
         batches = max(totals[-3], 1)

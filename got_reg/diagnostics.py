@@ -65,28 +65,41 @@ class GOTDiagnostics:
         """The Sinkhorn solves of the call (the ones with a tolerance): the cross term's, then the self-terms'."""
         return (() if self.solver == "dual" else (self.result,)) + tuple(self.self_terms)
 
+    def flags(self) -> torch.Tensor:
+        """[finite, converged of each Sinkhorn solve] as one bool tensor, what :meth:`read_flags` reads."""
+        return torch.stack([self.finite] + [r.converged for r in self._solves()])
+
     def read_flags(self) -> tuple[bool, bool | None]:
         """(finite, converged) in one host read; converged covers every Sinkhorn solve of the call (the
         self-terms too) and is None when there is none (the dual without ``debias``)."""
-        solves = self._solves()
-        if not solves:
-            return bool(self.finite), None
-        flags = torch.stack([self.finite] + [r.converged for r in solves]).tolist()
-        return bool(flags[0]), all(flags[1:])
+        return interpret_flags(self.flags().tolist())
 
     def unconverged_result(self) -> OTResult | None:
         """The first Sinkhorn solve of the call that missed its tolerance, or None (reads the device)."""
         return next((r for r in self._solves() if not bool(r.converged)), None)
 
-    def as_dict(self) -> dict[str, float]:
-        """All numeric fields as Python floats, read in one host synchronisation."""
-        names = ["value", "loss", "w_xy", "iterations", "marginal_error", "converged", "finite"]
-        tensors = [self.value, self.loss, self.w_xy, self.iterations, self.marginal_error, self.converged, self.finite]
+    def numbers(self) -> tuple[list[str], torch.Tensor]:
+        """Every numeric field's name, and their values as one float64 vector on the device (two kernels and
+        no host read, the ``same_label_mass`` ratio aside): what :meth:`as_dict` reads, and what a training
+        loop can sum over an epoch without reading. ``finite`` is last."""
+        names = ["value", "loss", "w_xy", "iterations", "marginal_error", "converged"]
+        tensors = [self.value, self.loss, self.w_xy, self.iterations, self.marginal_error, self.converged]
         same_label_mass = self.same_label_mass
         if same_label_mass is not None:
             names.append("same_label_mass")
             tensors.append(same_label_mass)
-        values = torch.stack([t.detach().to(torch.float64).reshape(()) for t in tensors]).tolist()
-        out = dict(zip(names, values))
+        names.append("finite")
+        tensors.append(self.finite)
+        return names, torch.cat([t.detach().reshape(1) for t in tensors]).to(torch.float64)
+
+    def as_dict(self) -> dict[str, float]:
+        """All numeric fields as Python floats, read in one host synchronisation."""
+        names, values = self.numbers()
+        out = dict(zip(names, values.tolist()))
         out.update(batch=float(self.batch))
         return out
+
+
+def interpret_flags(flags: list[bool]) -> tuple[bool, bool | None]:
+    """(finite, converged) from the host copy of :meth:`GOTDiagnostics.flags`."""
+    return bool(flags[0]), (all(flags[1:]) if len(flags) > 1 else None)

@@ -9,9 +9,12 @@ which inputs need a gradient), so the shorter last batch of an epoch gets its ow
 
 A graph reads and writes fixed ("static") buffers; what a replay leaves there is overwritten by the next
 replay. So a call copies its inputs in, and copies out what outlives it: the loss, the input gradients and
-every tensor of the :class:`~got_reg.GOTDiagnostics` (packed inside the graph into one byte buffer, so
-that the copy is one kernel). The backward of a call is refused once a later call of the same signature
-has replayed over its buffers.
+every tensor of the :class:`~got_reg.GOTDiagnostics`. On a GPU a call at B = 128 is host-bound, so the
+copies out are one kernel per dtype: the backward graph writes the input gradients into one buffer per
+dtype (:class:`FlatGroups`), and the diagnostics are packed inside the graph into one byte buffer, rebuilt
+from its copy (views, but some sixty of them) only when someone reads them (:class:`PackedDiagnostics`);
+the call itself reads only their flags. The inputs are copied in one by one. The backward of a call is
+refused once a later call of the same signature has replayed over its buffers.
 
 Replays compute what the eager call computes, in the same order: same values and gradients up to the
 nondeterminism of the kernels themselves (``tests/test_graphs.py`` compares them on a GPU).
@@ -22,15 +25,15 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from .diagnostics import GOTDiagnostics
+from .diagnostics import GOTDiagnostics, interpret_flags
 from .solvers import OTResult
 
-__all__ = ["GraphedCalls", "pack", "unpack"]
+__all__ = ["FlatGroups", "GraphedCalls", "PackedDiagnostics", "pack", "unpack"]
 
 #: captures kept per regulariser (least recently used dropped first): each holds its graphs' memory
 MAX_CAPTURES = 4
@@ -91,19 +94,60 @@ def pack(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, Layout]:
     return flat, Layout(tuple(slots), tuple(views))
 
 
+def _root(flat: torch.Tensor, s: _Slot) -> torch.Tensor:
+    if not s.nbytes:
+        return torch.empty(s.shape, dtype=s.dtype, device=flat.device)
+    return flat[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape)
+
+
 def unpack(flat: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
     """The tensors that :func:`pack` stored, as views of ``flat`` (no kernel): same shapes, strides, dtypes."""
-    roots = []
-    for s in layout.slots:
-        if s.nbytes:
-            roots.append(flat[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape))
-        else:
-            roots.append(torch.empty(s.shape, dtype=s.dtype, device=flat.device))
+    roots = [_root(flat, s) for s in layout.slots]
     out = []
     for k, size, stride, offset in layout.views:
         r = roots[k]
         out.append(r.as_strided(size, stride, r.storage_offset() + offset))
     return out
+
+
+def unpack_one(flat: torch.Tensor, layout: Layout, index: int) -> torch.Tensor:
+    """Tensor ``index`` of :func:`unpack` ``(flat, layout)`` alone."""
+    k, size, stride, offset = layout.views[index]
+    r = _root(flat, layout.slots[k])
+    return r.as_strided(size, stride, r.storage_offset() + offset)
+
+
+# -- tensors as views of one buffer per dtype -------------------------------------------------------------
+class FlatGroups:
+    """Where each of a list of tensors (None allowed) lives in one flat buffer per dtype.
+
+    :meth:`concat` writes the buffers, one ``torch.cat`` per dtype; :meth:`split` gives the tensors back as
+    views of buffers (no kernel). The backward graph writes the input gradients this way, so that copying
+    them out of its static memory is one kernel per dtype instead of one per tensor.
+    """
+
+    def __init__(self, like: Sequence[torch.Tensor | None]) -> None:
+        groups: dict[torch.dtype, list[int]] = {}
+        for i, t in enumerate(like):
+            if t is not None:
+                groups.setdefault(t.dtype, []).append(i)
+        self.groups = list(groups.values())
+        self.parts: list[tuple[int, int, int, tuple[int, ...]] | None] = [None] * len(like)
+        for k, g in enumerate(self.groups):
+            offset = 0
+            for i in g:
+                t = like[i]
+                assert t is not None
+                self.parts[i] = (k, offset, t.numel(), tuple(t.shape))
+                offset += t.numel()
+
+    def concat(self, tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
+        """One buffer per dtype holding ``tensors`` (shaped as at construction) one after another."""
+        return [torch.cat([tensors[i].reshape(-1) for i in g]) for g in self.groups]  # type: ignore[union-attr]
+
+    def split(self, buffers: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """The tensors as views of ``buffers`` (what :meth:`concat` wrote there)."""
+        return [None if p is None else buffers[p[0]][p[1] : p[1] + p[2]].view(p[3]) for p in self.parts]
 
 
 # -- the diagnostics as a flat list of tensors and back ------------------------------------------------
@@ -179,15 +223,18 @@ class _Capture:
         # thread_local: a DataLoader's pin-memory thread may call CUDA while this thread captures.
         with torch.cuda.graph(self.forward, capture_error_mode="thread_local"):
             loss, diag = fn(*self.inputs)
-            self.diagnostics, self.layout = pack(diagnostics_tensors(diag))
+            # The flags first: the call reads them (one host read) without rebuilding the rest.
+            self.diagnostics, self.layout = pack([diag.flags(), *diagnostics_tensors(diag)])
         self.template = diag
         self.loss = loss
         self.grad_loss = torch.empty_like(loss)
         self.backward = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.backward, pool=self.forward.pool(), capture_error_mode="thread_local"):
             grads = torch.autograd.grad(loss, wrt, grad_outputs=self.grad_loss, allow_unused=True)
-        it = iter(grads)
-        self.grads = [next(it) if t.requires_grad else None for t in self.inputs]
+            it = iter(grads)
+            per_input = [next(it) if t.requires_grad else None for t in self.inputs]
+            self.grads = FlatGroups(per_input)
+            self.grad_buffers = self.grads.concat(per_input)
         self.generation = 0  # replays so far: a backward must belong to the latest one
 
 
@@ -216,7 +263,7 @@ class _Replay(torch.autograd.Function):
         cap.grad_loss.copy_(grad)
         cap.backward.replay()
         # Copies: the static gradients are overwritten by the next replay, and autograd may keep them as .grad.
-        return (None, *(g.clone() if g is not None else None for g in cap.grads))
+        return (None, *cap.grads.split([b.clone() for b in cap.grad_buffers]))
 
 
 class GraphedCalls:
@@ -234,7 +281,7 @@ class GraphedCalls:
             extra,
         )
 
-    def __call__(self, inputs: tuple[torch.Tensor, ...], **options: Any) -> tuple[torch.Tensor, GOTDiagnostics]:
+    def __call__(self, inputs: tuple[torch.Tensor, ...], **options: Any) -> tuple[torch.Tensor, PackedDiagnostics]:
         """``fn(*inputs, **options)`` by replay, captured on the first call of this signature and ``options``."""
         key = self.signature(inputs, tuple(sorted(options.items())))
         # Autocast cannot change the call (its cost is built in float32 outside autocast), and a capture must
@@ -248,5 +295,27 @@ class GraphedCalls:
             else:
                 self.captures.move_to_end(key)
             loss = _Replay.apply(cap, *inputs)
-        diag = diagnostics_from(cap.template, unpack(cap.diagnostics.clone(), cap.layout))
-        return loss, diag
+        return loss, PackedDiagnostics(cap.diagnostics.clone(), cap.layout, cap.template)
+
+
+class PackedDiagnostics:
+    """One replayed call's diagnostics, as its copy of the packed buffer.
+
+    :meth:`read_flags` reads the flags straight from it (one host read); :meth:`unpack` builds the
+    :class:`~got_reg.GOTDiagnostics` (views of the copy, no kernel), once, when someone asks for it.
+    """
+
+    __slots__ = ("_flat", "_layout", "_template", "_built")
+
+    def __init__(self, flat: torch.Tensor, layout: Layout, template: GOTDiagnostics) -> None:
+        self._flat, self._layout, self._template = flat, layout, template
+        self._built: GOTDiagnostics | None = None
+
+    def read_flags(self) -> tuple[bool, bool | None]:
+        """What :meth:`GOTDiagnostics.read_flags` returns, from the packed copy."""
+        return interpret_flags(unpack_one(self._flat, self._layout, 0).tolist())
+
+    def unpack(self) -> GOTDiagnostics:
+        if self._built is None:
+            self._built = diagnostics_from(self._template, unpack(self._flat, self._layout)[1:])
+        return self._built

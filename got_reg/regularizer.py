@@ -28,7 +28,7 @@ from .costs import PairwiseCost
 from .diagnostics import GOTDiagnostics
 from .distributed import any_rank, gather_with_grad, world_size
 from .functional import GOTConfig, got_forward, raise_non_finite
-from .graphs import GraphedCalls
+from .graphs import GraphedCalls, PackedDiagnostics
 from .hooks import FeatureCapture
 from .solvers import KantorovichPotential, SinkhornBackend
 from .solvers.lse import triton_module
@@ -170,7 +170,7 @@ class GOTRegularizer(nn.Module):
         self._graphs = GraphedCalls(self._got_forward) if cuda_graphs else None
         self._graph_warned: set[str] = set()
         self.layer_name = self._capture.layer_name
-        self.diagnostics: GOTDiagnostics | None = None
+        self._diagnostics: GOTDiagnostics | PackedDiagnostics | None = None
         self._monitor: torch.Tensor | None = None
         self._calls = 0
         self._collapse_warned = False
@@ -237,6 +237,7 @@ class GOTRegularizer(nn.Module):
         )
         scale = float(world_size() if gather else 1)
         inputs = (z, z_adv, logits_clean, logits_adv) + (() if y is None else (y,))
+        diag: GOTDiagnostics | PackedDiagnostics
         if self._graphs is not None and self._graphable(inputs):
             loss, diag = self._graphs(inputs, loss_scale=scale)
         else:
@@ -258,14 +259,27 @@ class GOTRegularizer(nn.Module):
                     self.potential.reset_if_diverged()
                 return self._skip(logits_clean, [n for n, t in named.items() if not bool(torch.isfinite(t).all())])
             raise_non_finite(named, self.potential)
+        self._diagnostics = diag
         if converged is False:
-            c, missed = self.config, diag.unconverged_result()
+            c, missed = self.config, self.diagnostics.unconverged_result()  # type: ignore[union-attr]
             if missed is not None:
                 warn_unconverged(missed, c.sinkhorn, c.theta, c.tol, c.max_iter)
-        self.diagnostics = diag
         if y is not None and self.training and torch.is_grad_enabled():
-            self._watch_collapse(logits_clean, y, diag)
+            self._watch_collapse(logits_clean, y)
         return loss
+
+    @property
+    def diagnostics(self) -> GOTDiagnostics | None:
+        """The last call's :class:`~got_reg.GOTDiagnostics` (device tensors), None before the first call and
+        after a skipped one. With ``cuda_graphs=True`` they are built from the call's packed copy when first
+        read."""
+        if isinstance(self._diagnostics, PackedDiagnostics):
+            self._diagnostics = self._diagnostics.unpack()
+        return self._diagnostics
+
+    @diagnostics.setter
+    def diagnostics(self, value: GOTDiagnostics | None) -> None:
+        self._diagnostics = value
 
     def _got_forward(self, z, z_adv, logits_clean, logits_adv, y=None, *, loss_scale: float):  # type: ignore[no-untyped-def]
         """The call that the CUDA graphs capture (Sinkhorn only: no state changes inside)."""
@@ -309,7 +323,7 @@ class GOTRegularizer(nn.Module):
         self.diagnostics = None
         return logits_clean.new_zeros((), dtype=torch.float32)
 
-    def _watch_collapse(self, logits_clean: torch.Tensor, y: torch.Tensor, diag: GOTDiagnostics) -> None:
+    def _watch_collapse(self, logits_clean: torch.Tensor, y: torch.Tensor) -> None:
         """Warn once if the clean cross-entropy sits near ln(K) (chance) for a window after warm-up."""
         if self._collapse_warned:
             return
@@ -319,6 +333,8 @@ class GOTRegularizer(nn.Module):
         position = self._calls % _WINDOW  # 0 at the window's last call
         if position % _SAMPLE == 0:
             ce = F.cross_entropy(logits_clean.detach().float(), y)
+            diag = self.diagnostics
+            assert diag is not None
             term = torch.stack([ce, diag.value.float(), ce.new_ones(())])
             self._monitor = term if self._monitor is None else self._monitor + term
         if position or self._monitor is None:

@@ -33,6 +33,9 @@ def test_as_dict_reports_the_tensors(solver, debias, labels):
     assert out["loss"] == pytest.approx(2.5 * out["value"], rel=1e-6) and out["loss"] == float(loss.detach())
     assert d.iterations is d.result.iterations and d.marginal_error is d.result.marginal_error
     assert out["batch"] == 8.0 and out["finite"] == 1.0
+    names, vector = d.numbers()  # what as_dict reads, as one device vector
+    assert names[-1] == "finite" and vector.dtype == torch.float64 and vector.shape == (len(names),)
+    assert dict(zip(names, vector.tolist())) == {k: v for k, v in out.items() if k != "batch"}
     if debias:
         assert len(d.self_terms) == 2 and out["value"] != out["w_xy"]
     else:

@@ -4,6 +4,7 @@ outlive later replays, one capture per shape, the stale backward refused)."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -11,8 +12,17 @@ import torch
 from torch import nn
 
 from got_reg import GOTRegularizer
+from got_reg.diagnostics import interpret_flags
 from got_reg.functional import GOTConfig, got_forward
-from got_reg.graphs import diagnostics_from, diagnostics_tensors, pack, unpack
+from got_reg.graphs import (
+    FlatGroups,
+    PackedDiagnostics,
+    diagnostics_from,
+    diagnostics_tensors,
+    pack,
+    unpack,
+    unpack_one,
+)
 from got_reg.solvers.lse import triton_module
 
 
@@ -80,6 +90,49 @@ def test_diagnostics_roundtrip_through_pack(debias, label_matching):
     assert back.as_dict() == diag.as_dict()
     assert back.read_flags() == diag.read_flags()
     assert len(back.self_terms) == (2 if debias else 0)
+
+
+@pytest.mark.parametrize("converged", [True, False])
+def test_packed_diagnostics_read_their_flags_and_unpack_once(converged):
+    """What the regulariser gets from a replay: the flags read from the packed copy (as GOTDiagnostics.read_flags
+    reads them), the diagnostics built from it on demand, once."""
+    z, za, lc, la, y = _problem()
+    cfg = GOTConfig(beta=10.0, label_matching=True, max_iter=1000 if converged else 2)
+    _, diag = got_forward(cfg, z, za, lc, la, y)
+    flat, layout = pack([diag.flags(), *diagnostics_tensors(diag)])
+    packed = PackedDiagnostics(flat.clone(), layout, diag)
+    assert packed.read_flags() == diag.read_flags() == (True, converged)
+    back = packed.unpack()
+    assert packed.unpack() is back
+    for x, w in zip(diagnostics_tensors(diag), diagnostics_tensors(back)):
+        _same_tensor(x, w)
+    assert torch.equal(unpack_one(flat, layout, 0), diag.flags())
+    # a non-finite value: the flag from the copy says so
+    nan = dataclasses.replace(diag, finite=torch.tensor(False))
+    flat, layout = pack([nan.flags(), *diagnostics_tensors(nan)])
+    assert PackedDiagnostics(flat, layout, nan).read_flags() == (False, converged)
+    assert interpret_flags([True]) == (True, None)  # the dual without debias: no Sinkhorn solve
+
+
+def test_flat_groups_concat_and_split_one_buffer_per_dtype():
+    g = torch.Generator().manual_seed(1)
+    ts = [
+        torch.randn(3, 4, generator=g),
+        None,
+        torch.arange(5),
+        torch.randn(2, 6, generator=g).t(),  # not contiguous: copied in by the cat
+        torch.randn(7, generator=g, dtype=torch.float64),
+        torch.randn(1, 1, generator=g),
+    ]
+    groups = FlatGroups(ts)
+    bufs = groups.concat(ts)
+    assert [(b.dtype, b.numel()) for b in bufs] == [(torch.float32, 12 + 12 + 1), (torch.int64, 5), (torch.float64, 7)]
+    back = groups.split(bufs)
+    assert back[1] is None
+    for a, b in zip(ts, back):
+        if a is not None:
+            assert b.shape == a.shape and b.dtype == a.dtype and torch.equal(a, b)
+            assert b.untyped_storage().data_ptr() in {x.untyped_storage().data_ptr() for x in bufs}
 
 
 def _net():
