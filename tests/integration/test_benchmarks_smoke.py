@@ -180,6 +180,26 @@ def test_cpu_paths_quick(tmp_path):
     assert (tmp_path / "cpu_paths_quick.md").read_text().startswith("# ")
 
 
+def test_host_profile_quick(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_host", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    md = (tmp_path / "host_cpu_quick.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| call")]
+    assert [r.split(" | ")[0] for r in rows] == ["| joint cost alone", "| +GOT-S", "| +GOT-LM", "| +GOT-LM dual"]
+    for r in rows:  # host and drained ms: positive, drained not below host
+        host, drained = (float(x) for x in r.strip(" |").split(" | ")[1:])
+        assert 0 < host <= drained
+    for call in ("joint cost alone", "+GOT-LM"):
+        assert f"## {call}: torch.profiler over 2 calls" in md and f"## {call}: cProfile over 4 calls" in md
+    assert "CosineKLBackward" in md  # the cost's autograd node shows in its profile
+
+
 def test_calibration_picks_the_loosest_setting_within_the_target():
     """The equal-accuracy ladder, on a synthetic solver whose plan error is 2·setting (no timing involved)."""
     import argparse
