@@ -261,7 +261,7 @@ class GOTRegularizer(nn.Module):
             raise_non_finite(named, self.potential)
         self._diagnostics = diag
         if converged is False:
-            c, missed = self.config, self.diagnostics.unconverged_result()  # type: ignore[union-attr]
+            c, missed = self.config, self._built_diagnostics().unconverged_result()
             if missed is not None:
                 warn_unconverged(missed, c.sinkhorn, c.theta, c.tol, c.max_iter)
         if y is not None and self.training and torch.is_grad_enabled():
@@ -273,13 +273,18 @@ class GOTRegularizer(nn.Module):
         """The last call's :class:`~got_reg.GOTDiagnostics` (device tensors), None before the first call and
         after a skipped one. With ``cuda_graphs=True`` they are built from the call's packed copy when first
         read."""
-        if isinstance(self._diagnostics, PackedDiagnostics):
-            self._diagnostics = self._diagnostics.unpack()
-        return self._diagnostics
+        return None if self._diagnostics is None else self._built_diagnostics()
 
     @diagnostics.setter
     def diagnostics(self, value: GOTDiagnostics | None) -> None:
         self._diagnostics = value
+
+    def _built_diagnostics(self) -> GOTDiagnostics:
+        d = self._diagnostics
+        assert d is not None
+        if isinstance(d, PackedDiagnostics):
+            d = self._diagnostics = d.unpack()
+        return d
 
     def _got_forward(self, z, z_adv, logits_clean, logits_adv, y=None, *, loss_scale: float):  # type: ignore[no-untyped-def]
         """The call that the CUDA graphs capture (Sinkhorn only: no state changes inside)."""
@@ -333,9 +338,7 @@ class GOTRegularizer(nn.Module):
         position = self._calls % _WINDOW  # 0 at the window's last call
         if position % _SAMPLE == 0:
             ce = F.cross_entropy(logits_clean.detach().float(), y)
-            diag = self.diagnostics
-            assert diag is not None
-            term = torch.stack([ce, diag.value.float(), ce.new_ones(())])
+            term = torch.stack([ce, self._built_diagnostics().value.float(), ce.new_ones(())])
             self._monitor = term if self._monitor is None else self._monitor + term
         if position or self._monitor is None:
             return
