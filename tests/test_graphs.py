@@ -212,6 +212,38 @@ def test_replay_equals_eager_over_steps(options):
 
 
 @needs_gpu
+def test_small_batch_captures_after_eager_calls_of_every_variant():
+    """The order of bench_launches in one process, where a capture at B = 16 once failed (run 7, with the static
+    inputs in one buffer per dtype): eager calls of GOT-S, GOT-LM and the dual, then graphed calls at B = 16,
+    D = 64 against the eager ones."""
+    feed = _Feed()
+    inputs = _problem(B=16, D=64, K=10, seed=3, device="cuda")
+
+    def twin():
+        return [t.detach().clone().requires_grad_(True) for t in inputs[:4]] + [inputs[4]]
+
+    for options in (dict(), dict(label_matching=True), dict(label_matching=True, solver="dual")):
+        with GOTRegularizer(feed, "feat", beta=10.0, **options) as eager:
+            for _ in range(3):
+                _call(eager, feed, *twin()).backward()
+    for options in (dict(), dict(label_matching=True)):
+        eager = GOTRegularizer(feed, "feat", beta=10.0, **options)
+        graphed = GOTRegularizer(feed, "feat", beta=10.0, cuda_graphs=True, **options)
+        for _ in range(3):
+            a, b = twin(), twin()
+            le = _call(eager, feed, *a)
+            le.backward()
+            lg = _call(graphed, feed, *b)
+            lg.backward()
+            torch.testing.assert_close(lg, le, rtol=1e-5, atol=1e-6)
+            for x, w in zip(b[:4], a[:4]):
+                torch.testing.assert_close(x.grad, w.grad, rtol=1e-4, atol=1e-7)
+        assert len(graphed._graphs.captures) == 1
+        eager.remove()
+        graphed.remove()
+
+
+@needs_gpu
 def test_new_shape_recaptures_and_stale_backward_raises():
     feed = _Feed()
     got = GOTRegularizer(feed, "feat", beta=10.0, label_matching=True, cuda_graphs=True)
