@@ -184,6 +184,18 @@ def _call(got, feed, z, za, lc, la, y):
     return got(feed(z, lc), feed(za, la), y)
 
 
+def _eager_then_graphed(eager, graphed, feed, inputs, twin):
+    """One call of each regulariser on the same values (``twin`` a copy of ``inputs``), each backpropagated:
+    the losses and the input gradients agree."""
+    le = _call(eager, feed, *inputs)
+    le.backward()
+    lg = _call(graphed, feed, *twin)
+    lg.backward()
+    torch.testing.assert_close(lg, le, rtol=1e-5, atol=1e-6)
+    for a, b in zip(twin[:4], inputs[:4]):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+
+
 @needs_gpu
 @pytest.mark.parametrize("options", [dict(), dict(label_matching=True), dict(label_matching=True, debias=False)])
 def test_replay_equals_eager_over_steps(options):
@@ -194,13 +206,7 @@ def test_replay_equals_eager_over_steps(options):
     for step in range(4):
         inputs = _problem(B=128, D=64, K=10, seed=step, device="cuda")
         twin = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs[:4]] + [inputs[4]]
-        le = _call(eager, feed, *inputs)
-        le.backward()
-        lg = _call(graphed, feed, *twin)
-        lg.backward()
-        torch.testing.assert_close(lg, le, rtol=1e-5, atol=1e-6)
-        for a, b in zip(twin[:4], inputs[:4]):
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+        _eager_then_graphed(eager, graphed, feed, inputs, twin)
         de, dg = eager.diagnostics.as_dict(), graphed.diagnostics.as_dict()
         assert de.keys() == dg.keys()
         for k in de:
@@ -230,14 +236,7 @@ def test_small_batch_captures_after_eager_calls_of_every_variant():
         eager = GOTRegularizer(feed, "feat", beta=10.0, **options)
         graphed = GOTRegularizer(feed, "feat", beta=10.0, cuda_graphs=True, **options)
         for _ in range(3):
-            a, b = twin(), twin()
-            le = _call(eager, feed, *a)
-            le.backward()
-            lg = _call(graphed, feed, *b)
-            lg.backward()
-            torch.testing.assert_close(lg, le, rtol=1e-5, atol=1e-6)
-            for x, w in zip(b[:4], a[:4]):
-                torch.testing.assert_close(x.grad, w.grad, rtol=1e-4, atol=1e-7)
+            _eager_then_graphed(eager, graphed, feed, twin(), twin())
         assert len(graphed._graphs.captures) == 1
         eager.remove()
         graphed.remove()
