@@ -9,10 +9,17 @@ outputs the training loop has let go.
 
 Why each piece is as it is:
 
-* The layer's output is copied (one ``clone`` per forward, which keeps the autograd path to the
-  layer): the model may change it in place after the layer ran (``nn.ReLU(inplace=True)``, or
-  ``out += shortcut; relu_`` after ``bn2`` in a ResNet block), and a reference would then hold the
-  later values. The copy lives as long as the output it is filed under.
+* The layer's output is copied only where the model changes it in place after the layer ran
+  (``nn.ReLU(inplace=True)``, or ``out += shortcut; relu_`` after ``bn2`` in a ResNet block), where a
+  reference would hold the later values. Which models do is learned per mode (train, eval): the first
+  forward in a mode copies the output (``clone`` keeps the autograd path to the layer) and compares its
+  version counter before and after the rest of the forward; if it did not change, later forwards in
+  that mode keep a reference (no copy: on a GPU each is a launch, and the attack's forwards are many),
+  and still compare. A forward that changes an uncopied output files an error instead of its features
+  (lookup raises it, naming the cause), and from then on that mode copies. Inference tensors (no
+  version counter), forwards traced by ``torch.compile`` and a layer output that the model returns (or
+  a view of it, which would keep its own entry alive) are always copied. What is filed lives as long as
+  the output it is filed under.
 * The per-forward record is per thread: forwards of the model in two threads (an EMA copy evaluated
   in another thread shares the capture) interleave, and each output must get its own forward's copy.
 * The model's hooks hold the capture weakly. Hooks whose capture nobody holds any more are taken off
@@ -195,6 +202,15 @@ class _Entry(NamedTuple):
     version: int | None  # the copy's _version when filed (None for inference tensors)
 
 
+class _Watch(NamedTuple):
+    """The layer's own output in a forward, to compare its version counter when the forward ends."""
+
+    output: torch.Tensor
+    version: int
+    copied: bool  # whether what was filed is a copy (then a later change is harmless)
+    training: bool  # the layer's mode, the key of what is learned
+
+
 class _Record:
     """The record of the forward running in one thread (and of the ones it is nested in)."""
 
@@ -202,7 +218,8 @@ class _Record:
         self.depth = 0
         self.feature: Any = None
         self.calls = 0
-        self.outer: list[tuple[Any, int]] = []
+        self.watch: _Watch | None = None
+        self.outer: list[tuple[Any, int, _Watch | None]] = []
         self.unfiled: str | None = None
 
 
@@ -267,6 +284,9 @@ class FeatureCapture:
         self._model_ran = False
         self._state = _State()
         self._entries: dict[int, _Entry] = _Table()
+        # Per mode (layer.training): whether the model changes the layer's output in place later in its
+        # forward (None: not seen yet, so copy and watch).
+        self._changes_output: dict[bool, bool | None] = {True: None, False: None}
         self._handles = [
             self.layer.register_forward_hook(_Hook(self, "_on_layer")),
             model.register_forward_pre_hook(_Hook(self, "_on_model_start")),
@@ -282,17 +302,27 @@ class FeatureCapture:
         if st.depth == 0:
             return  # run outside a forward of the model: by hand, or in a checkpoint's recompute
         st.calls += 1
-        st.feature = self._take(output)
+        st.watch = None
+        feature = self._take(output)
+        if isinstance(feature, torch.Tensor):
+            if torch.compiler.is_compiling() or feature.is_inference():
+                feature = feature.clone()
+            else:
+                training = module.training
+                copy = self._changes_output[training] is not False
+                st.watch = _Watch(feature, feature._version, copy, training)
+                feature = feature.clone() if copy else feature
+        st.feature = feature
 
     def _take(self, output: Any) -> Any:
-        """A copy of the feature tensor in ``output``, or the exception that lookup should raise."""
+        """The feature tensor in ``output`` (not a copy), or the exception that lookup should raise."""
         select = self.select
         if select is None:
             if isinstance(output, torch.Tensor):
-                return output.clone()
+                return output
             tensors = _output_tensors(output)
             if len(tensors) == 1:
-                return tensors[0].clone()
+                return tensors[0]
             if not tensors:
                 return TypeError(f"layer {self.layer_name!r} returned {_describe(output)}; expected a tensor")
             return ValueError(
@@ -319,26 +349,32 @@ class FeatureCapture:
                 f"select={getattr(select, '__name__', select)!r} took {type(picked).__name__}, not a tensor, from "
                 f"layer {self.layer_name!r}'s output ({_describe(output)})"
             )
-        return picked.clone()
+        return picked
 
     def _on_model_start(self, module: nn.Module, inputs: Any) -> None:
         st = self._state.rec
         if st.depth:
-            st.outer.append((st.feature, st.calls))  # a forward of the model inside another one
+            st.outer.append((st.feature, st.calls, st.watch))  # a forward of the model inside another one
         st.depth += 1
-        st.feature, st.calls = None, 0
+        st.feature, st.calls, st.watch = None, 0, None
         self._model_ran = True
 
     def _on_model_end(self, module: nn.Module, inputs: Any, output: Any) -> None:
         st = self._state.rec
         if st.depth == 0:
             return  # the hooks were put on while this forward ran
-        feature, calls = st.feature, st.calls
+        feature, calls, watch = st.feature, st.calls, st.watch
         st.depth -= 1
-        st.feature, st.calls = st.outer.pop() if st.depth else (None, 0)
+        st.feature, st.calls, st.watch = st.outer.pop() if st.depth else (None, 0, None)
         if output is None:
             return  # the forward raised
         tensors = _output_tensors(output)
+        if watch is not None:
+            feature = self._checked(feature, watch)
+            if not watch.copied and isinstance(feature, torch.Tensor) and _shares_storage(feature, tensors):
+                # Filed under an output it is (a view of), it would keep that output alive, and the entry with
+                # it: a copy of its values, which the forward did not change.
+                feature = feature.clone()
         st.unfiled = None if tensors else type(output).__name__
         version = None
         if isinstance(feature, torch.Tensor) and not feature.is_inference():
@@ -347,6 +383,21 @@ class FeatureCapture:
         for out in tensors:
             key = id(out)
             self._entries[key] = _Entry(weakref.ref(out, self._make_reaper(key)), feature, calls, version)
+
+    def _checked(self, feature: torch.Tensor, watch: _Watch) -> Any:
+        """``feature``, or an error if the forward changed the uncopied layer output in place; learns the mode."""
+        changed = watch.output._version != watch.version
+        if self._changes_output[watch.training] is None or changed:
+            self._changes_output[watch.training] = changed
+        if not changed or watch.copied:
+            return feature
+        mode = "training" if watch.training else "eval"
+        return RuntimeError(
+            f"the output of layer {self.layer_name!r} was changed in place later in the forward that produced "
+            f"{{what}}, which earlier forwards in {mode} mode did not do, so its features were not copied and are "
+            "lost for this forward; got-reg copies them in every later forward in this mode. Use the logits of "
+            "a new forward"
+        )
 
     def _make_reaper(self, key: int) -> Callable[[weakref.ref], None]:
         entries = weakref.ref(self._entries)
@@ -390,7 +441,10 @@ class FeatureCapture:
                 "compiled call, or call torch._dynamo.reset()"
             )
         if isinstance(feature, Exception):
-            raise type(feature)(f"{feature} (seen in the forward that produced {what})")
+            text = str(feature)
+            if "{what}" in text:
+                raise type(feature)(text.replace("{what}", what))
+            raise type(feature)(f"{text} (seen in the forward that produced {what})")
         if entry.calls != 1:
             raise RuntimeError(
                 f"layer {self.layer_name!r} ran {entry.calls} times in the forward that produced {what}; "
@@ -482,6 +536,11 @@ class FeatureCapture:
         self._entries = _Table()
         self._handles = []
         self._finalizer = None
+
+
+def _shares_storage(t: torch.Tensor, others: list[torch.Tensor]) -> bool:
+    ptr = t.untyped_storage().data_ptr()
+    return any(o.untyped_storage().data_ptr() == ptr for o in others)
 
 
 def _row_slice(view: torch.Tensor, base: torch.Tensor, what: str) -> slice:

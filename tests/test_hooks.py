@@ -57,6 +57,87 @@ def test_in_place_relu_after_the_layer_does_not_change_its_features():
     assert_same_value_and_grads(got_value_and_grads(model, got, x, xa, y), got_value_and_grads(twin, ref, x, xa, y))
 
 
+class _Switch(nn.Module):
+    """Linear → (ReLU in place, when ``in_place`` is set) → Linear: a model whose in-place change of the hooked
+    layer's output comes and goes, and a hook of its own that records the layer's output object."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.head = nn.Linear(6, 12), nn.Linear(12, 3)
+        self.in_place = False
+        self.outputs: list[torch.Tensor] = []
+        self.lin.register_forward_hook(lambda m, i, o: self.outputs.append(o))
+
+    def forward(self, x):
+        h = self.lin(x)
+        return self.head(F.relu_(h) if self.in_place else F.relu(h))
+
+
+def test_output_is_copied_only_in_modes_where_the_model_changes_it():
+    """Eval forwards that leave the layer's output alone file the output itself (no copy) after the first,
+    which is copied while the mode is learned; train forwards with an in-place ReLU copy from their first,
+    so every filed feature is the layer's true output (the TRADES order: attack in eval, then training)."""
+    torch.manual_seed(0)
+    model = _Switch()
+    cap = FeatureCapture(model, "lin")
+    x = torch.randn(8, 6)
+    true = model.lin(x).detach()
+    model.outputs.clear()
+    model.eval()
+    for k in range(3):
+        out = model(x)
+        z = cap.lookup(out)
+        torch.testing.assert_close(z, true)
+        shares = z.data_ptr() == model.outputs[-1].data_ptr()
+        assert shares == (k > 0)  # the first forward in a mode copies
+    model.train()
+    model.in_place = True
+    for _ in range(3):
+        out = model(x)
+        z = cap.lookup(out)
+        torch.testing.assert_close(z, true)
+        assert z.data_ptr() != model.outputs[-1].data_ptr()
+        assert (model.outputs[-1] >= 0).all()  # the ReLU did change the output itself
+    cap.remove()
+
+
+def test_a_hooked_last_layer_is_filed_as_a_copy_and_reaped_with_its_output():
+    """Hooking the layer whose output the model returns: filed uncopied, the feature would be the output
+    itself and keep its own entry alive."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 12), nn.Flatten())
+    cap = FeatureCapture(model, "1")
+    for _ in range(3):
+        out = model(torch.randn(4, 6))
+        z = cap.lookup(out)
+        assert torch.equal(z, out) and z.data_ptr() != out.data_ptr()
+        del out, z
+        assert len(cap) == 0
+    cap.remove()
+
+
+def test_an_in_place_change_in_a_mode_that_had_none_is_refused_then_copied():
+    torch.manual_seed(0)
+    model = _Switch()
+    cap = FeatureCapture(model, "lin")
+    x = torch.randn(8, 6)
+    true = model.lin(x).detach()
+    assert (true < 0).any()
+    for _ in range(2):
+        torch.testing.assert_close(cap.lookup(model(x)), true)  # learned: no in-place change in training mode
+    model.in_place = True
+    out = model(x)
+    with pytest.raises(
+        RuntimeError,
+        match=r"output of layer 'lin' was changed in place later in the forward that "
+        r"produced logits, which earlier forwards in training mode did not do",
+    ):
+        cap.lookup(out)
+    for _ in range(2):  # copied from now on
+        torch.testing.assert_close(cap.lookup(model(x)), true)
+    cap.remove()
+
+
 class Block(nn.Module):
     """A ResNet BasicBlock with a projection shortcut and a linear head; ``in_place`` as torchvision has it."""
 
