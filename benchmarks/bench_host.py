@@ -10,7 +10,7 @@ that, and which parts cost what:
 
 * wall time per call with its backward (``perf_counter`` over 30 back-to-back calls, one synchronisation
   after them: 'host' is before it, 'drained' after it; equal numbers mean the GPU waits for the host), for
-  the joint cost alone, GOT-S, GOT-LM and the dual eagerly, and GOT-S, GOT-LM with ``cuda_graphs=True``; each
+  the joint cost alone, GOT-S, GOT-LM and the dual eagerly, and all three with ``cuda_graphs=True``; each
   with the cosine + KL Triton kernels of the joint cost on and off (``_cosine_kl._KERNEL_DEVICES``), 5 rounds
   interleaved, medians. On CPU the kernels never run, so one column;
 * ``torch.profiler`` tables of 10 calls (by self device time on a GPU, and by self CPU time);
@@ -36,7 +36,7 @@ from benchmarks._common import adversarial_batch, describe, environment, load, s
 from benchmarks.bench_launches import CLASSES, GRAPH_VARIANTS, VARIANTS, cost_call, leaves_and_call
 from got_reg.costs import _cosine_kl
 
-CALLS = ["joint cost alone", "+GOT-S", "+GOT-LM", "+GOT-LM dual", "+GOT-S cuda_graphs", "+GOT-LM cuda_graphs"]
+CALLS = ["joint cost alone", "+GOT-S", "+GOT-LM", "+GOT-LM dual", *GRAPH_VARIANTS]
 
 
 def closures(data, device: torch.device, names: list[str]) -> dict:

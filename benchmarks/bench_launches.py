@@ -73,6 +73,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 GRAPH_VARIANTS: dict[str, dict[str, Any]] = {
     "+GOT-S cuda_graphs": dict(cuda_graphs=True),
     "+GOT-LM cuda_graphs": dict(label_matching=True, cuda_graphs=True),
+    "+GOT-LM dual cuda_graphs": dict(label_matching=True, solver="dual", cuda_graphs=True),
 }
 # ATen operators that launch no kernel: views, metadata, allocations.
 NO_KERNEL = {

@@ -16,6 +16,7 @@ on examples.models' SmallCNN, without GOT and with each variant's line ``loss +=
   +GOT-S pot        ... backend="pot"                                      (not run unless asked for)
   +GOT-S graphs     ... cuda_graphs=True                                   (by default on CUDA only)
   +GOT-LM graphs    ... label_matching=True, cuda_graphs=True              (by default on CUDA only)
+  +GOT-LM dual graphs ... label_matching=True, solver="dual", cuda_graphs=True (by default on CUDA only)
 
 The network is first trained briefly on clean data (--pretrain-steps Adam steps at B = 128), so that its
 features, and so the transport problems, look like those of a real run; the timed steps then use lr = 0 (all
@@ -85,9 +86,11 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "+GOT-S pot": dict(backend="pot"),
     "+GOT-S graphs": dict(cuda_graphs=True),
     "+GOT-LM graphs": dict(label_matching=True, cuda_graphs=True),
+    "+GOT-LM dual graphs": dict(label_matching=True, solver="dual", cuda_graphs=True),
 }
 DEFAULT_VARIANTS = ["TRADES", "+GOT-S", "+GOT-LM", "+GOT-LM dual", "+GOT-S geomloss"]
-GRAPH_VARIANTS = ["+GOT-S graphs", "+GOT-LM graphs"]  # on CPU they would run eagerly: default on CUDA only
+# On CPU they would run eagerly: by default on CUDA only.
+GRAPH_VARIANTS = ["+GOT-S graphs", "+GOT-LM graphs", "+GOT-LM dual graphs"]
 NEEDS = {"+GOT-S geomloss": "geomloss", "+GOT-S pot": "ot"}
 
 

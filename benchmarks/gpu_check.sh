@@ -25,22 +25,23 @@
 # CUDA initialisation and Triton compilation; each can be changed from the environment, e.g. T_SOLVERS=120):
 #   wheels       10 s  (two local wheels install in seconds; 1-2 s measured)
 #   self-check   75 s  (compiles and checks each Triton kernel at sizes up to 8192², then times them; 67 s in run 6)
-#   cuda tests   70 s  (pytest: tests/test_graphs.py, the CUDA cases of tests/solvers/test_sinkhorn.py and
-#                      tests/costs/test_triton_cosine_kl.py compiled on the GPU: 73 tests, 56 s in run 7)
-#   solver grid  80 s  hard limit; --time-limit 55 inside: after it only the default's and the reference rows
+#   cuda tests   80 s  (pytest: tests/test_graphs.py, the CUDA cases of tests/solvers/test_sinkhorn.py and
+#                      tests/costs/test_triton_cosine_kl.py compiled on the GPU: 73 tests, 56 s in run 7; since
+#                      then 4 more, with the graphed dual)
+#   solver grid  75 s  hard limit; --time-limit 55 inside: after it only the default's and the reference rows
 #                      run, and the tables are rewritten after every problem, so a problem cut off by the hard
 #                      limit loses only itself. B = 8192 dominates (float64 Newton reference a few seconds; POT
 #                      and GeomLoss calibration and repeats ≤ --budget 2 s per call); 92-100 s measured on an H100
 #                      with --time-limit 70.
 #   overhead     75 s  hard limit; --time-limit 45 inside (no new round or batch size after): 300 pretraining
 #                      steps, then 7 variants × (2 + 31) steps at B = 128 and 7 × (2 + 16-21) at B = 512 (62-66 s).
-#   launches     25 s  kernel and host-read counts on the CUDA path, and 50 timed calls per variant at B = 16, 128
-#                      (21-22 s).
+#   launches     30 s  kernel and host-read counts on the CUDA path, and 50 timed calls per variant at B = 16, 128
+#                      (21-22 s before the graphed dual was added).
 #   acceleration 25 s  the three solves of a GOT call timed with Anderson memories 8, 4 and 0 on a trained
 #                      SmallCNN's costs, B = 128 (one fused launch), 2 batches (bench_acceleration; 35 s with
 #                      B = 512 too, whose plain torch loop takes 0.35 s a call: run it with ONLY=acceleration
 #                      and T_ACCEL=60 ACCEL_BATCH="128 512").
-#   epoch       105 s  one MNIST epoch (8000 points) of TRADES, GOT-LM and GOT-LM with cuda_graphs, alone and 4
+#   epoch        95 s  one MNIST epoch (7000 points) of TRADES, GOT-LM and GOT-LM with cuda_graphs, alone and 4
 #                      runs sharing the GPU (104 s measured at 10000 points, mostly the 13 processes' start).
 #   total       465 s of limits, + at most 15 s for the environment report: 8 minutes (ONLY= for a short lease).
 # ONLY="step ..." runs only the named steps (e.g. ONLY="cuda_tests overhead" for a short lease).
@@ -93,9 +94,9 @@ if [ ${#QUICK[@]} -gt 0 ]; then
     SOLVER_LIMIT=() OVERHEAD_LIMIT=()
 else
     # Each limit can be lowered from the environment to fit a shorter lease (e.g. T_SOLVERS=120 SOFT_SOLVERS=90).
-    T_ENV=${T_ENV:-15} T_WHEELS=${T_WHEELS:-10} T_SELFCHECK=${T_SELFCHECK:-75} T_TESTS=${T_TESTS:-70}
-    T_SOLVERS=${T_SOLVERS:-80} T_OVERHEAD=${T_OVERHEAD:-75} T_LAUNCHES=${T_LAUNCHES:-25} T_ACCEL=${T_ACCEL:-25}
-    T_EPOCH=${T_EPOCH:-105}
+    T_ENV=${T_ENV:-15} T_WHEELS=${T_WHEELS:-10} T_SELFCHECK=${T_SELFCHECK:-75} T_TESTS=${T_TESTS:-80}
+    T_SOLVERS=${T_SOLVERS:-75} T_OVERHEAD=${T_OVERHEAD:-75} T_LAUNCHES=${T_LAUNCHES:-30} T_ACCEL=${T_ACCEL:-25}
+    T_EPOCH=${T_EPOCH:-95}
     SOLVER_LIMIT=(--time-limit "${SOFT_SOLVERS:-55}") OVERHEAD_LIMIT=(--time-limit "${SOFT_OVERHEAD:-45}")
 fi
 [ "$DEVICE" = cpu ] && KIND=cpu || KIND=gpu
@@ -204,7 +205,7 @@ ACCEL_ARGS=(--batch "${ACCEL_BATCH[@]}" --batches 2)
 step acceleration "$T_ACCEL" "$PYTHON" -m benchmarks.bench_acceleration --device "$DEVICE" --out "$OUTDIR" \
     "${DATA_DIR[@]}" "${ACCEL_ARGS[@]}"
 
-EPOCH_ARGS=(--train-subset "${EPOCH_POINTS:-8000}" --reps "${EPOCH_REPS:-1}")
+EPOCH_ARGS=(--train-subset "${EPOCH_POINTS:-7000}" --reps "${EPOCH_REPS:-1}")
 [ ${#QUICK[@]} -gt 0 ] && EPOCH_ARGS=(--quick --reps 1)
 [ "$DEVICE" != cpu ] && EPOCH_ARGS+=(--graphs)
 step epoch "$T_EPOCH" "$PYTHON" -m benchmarks.bench_epoch --device "$DEVICE" --out "$OUTDIR" "${DATA_DIR[@]}" \

@@ -1,31 +1,40 @@
 """CUDA graphs for the GOT call: one replay instead of some sixty launches (``GOTRegularizer(cuda_graphs=True)``).
 
 On a GPU a call at B = 128 is a few microseconds of arithmetic and some sixty kernel launches, forward and
-backward (``benchmarks/bench_launches.py``); the launches are what a training step pays for. When every
-Sinkhorn solve of the call runs in the fused Triton kernel (CUDA, float32, B ≤ 256), the call has no host
-synchronisation, so its forward and its backward can each be captured once as a CUDA graph
-(:class:`torch.cuda.CUDAGraph`) and replayed. One capture is kept per input signature (shapes, dtypes,
-which inputs need a gradient), so the shorter last batch of an epoch gets its own.
+backward (``benchmarks/bench_launches.py``); the launches, and the host work of each, are what a training
+step pays for. When the call has no host synchronisation (every Sinkhorn solve in the fused Triton kernel:
+CUDA, float32, B ≤ 256; the dual's semi-dual and fused Adam step never read the host), it is captured once
+as a CUDA graph (:class:`torch.cuda.CUDAGraph`) and replayed. One graph holds the forward, the backward at
+unit upstream gradient and, for the dual, φ's ascent step: the backward of a scalar loss is linear in its
+upstream gradient g, so a call's gradients are g times the captured ones. One capture is kept per input
+signature (shapes, dtypes, which inputs need a gradient, φ trained or not), so the shorter last batch of an
+epoch gets its own.
 
 A graph reads and writes fixed ("static") buffers; what a replay leaves there is overwritten by the next
-replay. So a call copies its inputs in, and copies out what outlives it: the loss, the input gradients and
-every tensor of the :class:`~got_reg.GOTDiagnostics`. On a GPU a call at B = 128 is host-bound, so the
-copies out are one kernel per dtype: the backward graph writes the input gradients into one buffer per
-dtype (:class:`FlatGroups`), and the diagnostics are packed inside the graph into one byte buffer, rebuilt
-from its copy (views, but some sixty of them) only when someone reads them (:class:`PackedDiagnostics`);
-the call itself reads only their flags. The inputs are copied in one by one. The backward of a call is
-refused once a later call of the same signature has replayed over its buffers.
+replay. So a call copies its inputs in (one by one), and copies out, in one kernel, one packed buffer
+holding everything that outlives it: the flags, the loss, every tensor of the
+:class:`~got_reg.GOTDiagnostics` and the input gradients (one buffer per dtype, :class:`FlatGroups`). The
+call reads only the flags from its copy; the diagnostics are rebuilt from it (views, but some sixty of
+them) when someone reads them (:class:`PackedDiagnostics`), and its backward is one multiplication per
+dtype. As each call owns its copy, the backward of a call may run after later calls.
+
+State that the graph updates in place (φ's weight and Adam's moments and step count) must keep its storage:
+warm-up and capture run inside the caller's ``hold`` (which restores φ's values), and the captures are
+dropped when that storage changes (φ rebuilt after a divergence, or an optimiser state loaded).
 
 Replays compute what the eager call computes, in the same order: same values and gradients up to the
-nondeterminism of the kernels themselves (``tests/test_graphs.py`` compares them on a GPU).
+nondeterminism of the kernels themselves (``tests/test_graphs.py`` compares them on a GPU, and the
+bookkeeping on CPU through an emulated recorder).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
@@ -33,7 +42,7 @@ import torch
 from .diagnostics import GOTDiagnostics, interpret_flags
 from .solvers import OTResult
 
-__all__ = ["FlatGroups", "GraphedCalls", "PackedDiagnostics", "pack", "unpack"]
+__all__ = ["CUDARecorder", "FlatGroups", "GraphedCalls", "PackedDiagnostics", "pack", "unpack"]
 
 #: captures kept per regulariser (least recently used dropped first): each holds its graphs' memory
 MAX_CAPTURES = 4
@@ -94,27 +103,28 @@ def pack(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, Layout]:
     return flat, Layout(tuple(slots), tuple(views))
 
 
-def _root(flat: torch.Tensor, s: _Slot) -> torch.Tensor:
+def _view(flat: torch.Tensor, s: _Slot, view: tuple, typed: dict[torch.dtype, torch.Tensor]) -> torch.Tensor:
+    """One stored tensor as a view of ``flat``: two view operations (``flat`` as the slot's dtype, shared
+    through ``typed``, then the strides), as few as a call that builds some views on every call can make."""
+    _, size, stride, offset = view
     if not s.nbytes:
-        return torch.empty(s.shape, dtype=s.dtype, device=flat.device)
-    return flat[s.offset : s.offset + s.nbytes].view(s.dtype).view(s.shape)
+        return torch.empty(s.shape, dtype=s.dtype, device=flat.device).as_strided(size, stride, offset)
+    t = typed.get(s.dtype)
+    if t is None:
+        t = typed[s.dtype] = flat.view(s.dtype)  # pack() sizes the buffer in multiples of every element size
+    return t.as_strided(size, stride, s.offset // t.element_size() + offset)
 
 
 def unpack(flat: torch.Tensor, layout: Layout) -> list[torch.Tensor]:
     """The tensors that :func:`pack` stored, as views of ``flat`` (no kernel): same shapes, strides, dtypes."""
-    roots = [_root(flat, s) for s in layout.slots]
-    out = []
-    for k, size, stride, offset in layout.views:
-        r = roots[k]
-        out.append(r.as_strided(size, stride, r.storage_offset() + offset))
-    return out
+    typed: dict[torch.dtype, torch.Tensor] = {}
+    return [_view(flat, layout.slots[v[0]], v, typed) for v in layout.views]
 
 
 def unpack_one(flat: torch.Tensor, layout: Layout, index: int) -> torch.Tensor:
     """Tensor ``index`` of :func:`unpack` ``(flat, layout)`` alone."""
-    k, size, stride, offset = layout.views[index]
-    r = _root(flat, layout.slots[k])
-    return r.as_strided(size, stride, r.storage_offset() + offset)
+    v = layout.views[index]
+    return _view(flat, layout.slots[v[0]], v, {})
 
 
 # -- tensors as views of one buffer per dtype -------------------------------------------------------------
@@ -132,13 +142,19 @@ class FlatGroups:
             if t is not None:
                 groups.setdefault(t.dtype, []).append(i)
         self.groups = list(groups.values())
-        self.parts: list[tuple[int, int, int, tuple[int, ...]] | None] = [None] * len(like)
+        # (buffer, offset, shape, contiguous strides) of each tensor
+        self.parts: list[tuple[int, int, tuple[int, ...], tuple[int, ...]] | None] = [None] * len(like)
         for k, g in enumerate(self.groups):
             offset = 0
             for i in g:
                 t = like[i]
                 assert t is not None
-                self.parts[i] = (k, offset, t.numel(), tuple(t.shape))
+                shape = tuple(t.shape)
+                strides, n = [], 1
+                for d in reversed(shape):
+                    strides.append(n)
+                    n *= max(d, 1)
+                self.parts[i] = (k, offset, shape, tuple(reversed(strides)))
                 offset += t.numel()
 
     def concat(self, tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor]:
@@ -146,8 +162,11 @@ class FlatGroups:
         return [torch.cat([tensors[i].reshape(-1) for i in g]) for g in self.groups]  # type: ignore[union-attr]
 
     def split(self, buffers: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """The tensors as views of ``buffers`` (what :meth:`concat` wrote there)."""
-        return [None if p is None else buffers[p[0]][p[1] : p[1] + p[2]].view(p[3]) for p in self.parts]
+        """The tensors as views of ``buffers`` (what :meth:`concat` wrote there), one view operation each."""
+        return [
+            None if p is None else buffers[p[0]].as_strided(p[2], p[3], buffers[p[0]].storage_offset() + p[1])
+            for p in self.parts
+        ]
 
 
 # -- the diagnostics as a flat list of tensors and back ------------------------------------------------
@@ -193,85 +212,129 @@ def diagnostics_from(template: GOTDiagnostics, tensors: list[torch.Tensor]) -> G
 
 # -- one captured call ------------------------------------------------------------------------------------
 Forward = Callable[..., "tuple[torch.Tensor, GOTDiagnostics]"]
+Hold = Callable[[], AbstractContextManager[Any]]
+#: index of the loss in :func:`diagnostics_tensors`' order (after the flags in the packed buffer: + 1)
+_LOSS = 1
 
 
-class _Capture:
-    """The forward and backward graphs of ``fn`` at one input signature, with their static buffers."""
+class CUDARecorder:
+    """Warm-up and capture on the current CUDA device (:class:`torch.cuda.CUDAGraph`)."""
 
-    def __init__(self, fn: Forward, inputs: tuple[torch.Tensor, ...]) -> None:
-        def leaves() -> tuple[torch.Tensor, ...]:
-            return tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
-
-        # The warm-up runs on its own copies: leaves that it used would carry autograd nodes bound to its
-        # stream into the capture, which runs on another.
-        warm = leaves()
+    def warm_up(self, run: Callable[[], None]) -> None:
+        """``run`` :data:`WARMUP_CALLS` times on a side stream (Triton compiles, cuBLAS picks its workspace)."""
         torch.cuda.synchronize()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(WARMUP_CALLS):
-                loss, _ = fn(*warm)
-                torch.autograd.grad(loss, [t for t in warm if t.requires_grad], allow_unused=True)
+                run()
         torch.cuda.current_stream().wait_stream(side)
         torch.cuda.synchronize()
-        del warm, loss
 
-        self.inputs = leaves()
-        wrt = [t for t in self.inputs if t.requires_grad]
-
-        self.forward = torch.cuda.CUDAGraph()
+    def capture(self, body: Callable[[], tuple[torch.Tensor, Any]]) -> tuple[Callable[[], None], torch.Tensor, Any]:
+        """``body`` captured once: (replay, the static tensor it returned, its other result)."""
+        graph = torch.cuda.CUDAGraph()
         # thread_local: a DataLoader's pin-memory thread may call CUDA while this thread captures.
-        with torch.cuda.graph(self.forward, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            out, meta = body()
+        return graph.replay, out, meta
+
+
+class _Capture:
+    """One graph of ``fn`` at one input signature: the forward, the backward at unit upstream gradient and
+    any state update inside ``fn`` (φ's ascent step), all outputs packed into one static buffer.
+
+    One graph instead of a forward and a backward graph: one launch less per call, and the gradients of a
+    call are copied out with its diagnostics (one copy), so a call's backward never reads buffers that a
+    later replay has overwritten. The backward of a scalar loss is linear in the upstream gradient g, so
+    the gradients for g are g times those for 1 (one multiplication per dtype, which is also their copy).
+    """
+
+    def __init__(self, fn: Forward, inputs: tuple[torch.Tensor, ...], recorder: Any, hold: Hold) -> None:
+        def leaves() -> tuple[torch.Tensor, ...]:
+            return tuple(t.detach().clone().requires_grad_(t.requires_grad) for t in inputs)
+
+        def grads_of(loss: torch.Tensor, xs: tuple[torch.Tensor, ...]) -> list[torch.Tensor | None]:
+            wrt = [t for t in xs if t.requires_grad]
+            got = torch.autograd.grad(loss, wrt, allow_unused=True) if loss.requires_grad else [None] * len(wrt)
+            it = iter(got)
+            return [next(it) if t.requires_grad else None for t in xs]
+
+        def warm_up() -> None:
+            # On its own copies: leaves that it used would carry autograd nodes bound to its stream into the
+            # capture, which runs on another. ``hold`` undoes what it did to state (φ's steps).
+            warm = leaves()
+            with hold():
+                recorder.warm_up(lambda: grads_of(fn(*warm)[0], warm))
+
+        warm_up()
+        self.inputs = leaves()
+
+        def body() -> tuple[torch.Tensor, tuple[Layout, GOTDiagnostics, FlatGroups]]:
             loss, diag = fn(*self.inputs)
+            per_input = grads_of(loss, self.inputs)
+            groups = FlatGroups(per_input)
             # The flags first: the call reads them (one host read) without rebuilding the rest.
-            self.diagnostics, self.layout = pack([diag.flags(), *diagnostics_tensors(diag)])
-        self.template = diag
-        self.loss = loss
-        self.grad_loss = torch.empty_like(loss)
-        self.backward = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.backward, pool=self.forward.pool(), capture_error_mode="thread_local"):
-            grads = torch.autograd.grad(loss, wrt, grad_outputs=self.grad_loss, allow_unused=True)
-            it = iter(grads)
-            per_input = [next(it) if t.requires_grad else None for t in self.inputs]
-            self.grads = FlatGroups(per_input)
-            self.grad_buffers = self.grads.concat(per_input)
-        self.generation = 0  # replays so far: a backward must belong to the latest one
+            flat, layout = pack([diag.flags(), *diagnostics_tensors(diag), *groups.concat(per_input)])
+            return flat, (layout, diag, groups)
+
+        with hold():
+            self.replay, self.out, (self.layout, self.template, self.grads) = recorder.capture(body)
+        self.n_diagnostics = len(diagnostics_tensors(self.template))
+        flags = self.layout.views[0]  # PackedDiagnostics.read_flags reads them as the buffer's first bytes
+        assert self.layout.slots[flags[0]].offset == 0 and flags[3] == 0 and self.template.flags().dtype == torch.bool
+        self.state: Any = None  # what GraphedCalls' ``state`` returned after this capture
 
 
 class _Replay(torch.autograd.Function):
-    """Replays a capture's forward; its backward replays the capture's backward graph."""
+    """Replays a capture; its backward scales the gradients that the replay computed at unit upstream gradient.
+
+    Outputs: the loss, and this call's copy of the packed buffer (not differentiable), which the
+    diagnostics and the gradients are views of.
+    """
 
     @staticmethod
-    def forward(ctx: Any, cap: _Capture, *inputs: torch.Tensor) -> torch.Tensor:
+    def forward(ctx: Any, cap: _Capture, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         for static, t in zip(cap.inputs, inputs):
             static.copy_(t)
-        cap.forward.replay()
-        cap.generation += 1
-        ctx.cap, ctx.generation = cap, cap.generation
-        return cap.loss.detach().clone()
+        cap.replay()
+        flat = cap.out.clone()  # the next replay overwrites cap.out
+        ctx.mark_non_differentiable(flat)
+        first = 1 + cap.n_diagnostics
+        ctx.grads = [unpack_one(flat, cap.layout, first + k) for k in range(len(cap.grads.groups))]
+        ctx.groups = cap.grads
+        # detach(): a view that autograd does not track as one, so that the caller may change the loss in place
+        return unpack_one(flat, cap.layout, 1 + _LOSS).detach(), flat
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        cap: _Capture = ctx.cap
-        if ctx.generation != cap.generation:
-            raise RuntimeError(
-                "GOTRegularizer(cuda_graphs=True): this call's backward ran after a later call with the same "
-                "shapes had replayed over its graph's buffers. Backpropagate each got(...) loss before the next "
-                "call (or sum the losses of the calls first), or build the regulariser with cuda_graphs=False."
-            )
-        cap.grad_loss.copy_(grad)
-        cap.backward.replay()
-        # Copies: the static gradients are overwritten by the next replay, and autograd may keep them as .grad.
-        return (None, *cap.grads.split([b.clone() for b in cap.grad_buffers]))
+    def backward(ctx: Any, grad: torch.Tensor, _flat: Any) -> tuple[torch.Tensor | None, ...]:
+        return (None, *ctx.groups.split([g * grad for g in ctx.grads]))
 
 
 class GraphedCalls:
-    """The captures of one regulariser, by input signature, and the call that replays them."""
+    """The captures of one regulariser, by input signature, and the call that replays them.
 
-    def __init__(self, fn: Forward, max_captures: int = MAX_CAPTURES) -> None:
+    ``recorder`` warms up and captures (:class:`CUDARecorder`); ``hold`` is a context in which the warm-up
+    and the capture run and which undoes what they did to the caller's state (φ's ascent steps for the
+    dual); ``state`` names the tensors that the graphs update in place (their storage), so that a change
+    (φ rebuilt or loaded) drops the captures instead of replaying into stale memory.
+    """
+
+    def __init__(
+        self,
+        fn: Forward,
+        max_captures: int = MAX_CAPTURES,
+        *,
+        recorder: Any = None,
+        hold: Hold = contextlib.nullcontext,
+        state: Callable[[], Any] = lambda: None,
+    ) -> None:
         self.fn = fn
         self.max_captures = max_captures
+        self.recorder = CUDARecorder() if recorder is None else recorder
+        self.hold = hold
+        self.state = state
         self.captures: OrderedDict[tuple, _Capture] = OrderedDict()
 
     @staticmethod
@@ -284,18 +347,23 @@ class GraphedCalls:
     def __call__(self, inputs: tuple[torch.Tensor, ...], **options: Any) -> tuple[torch.Tensor, PackedDiagnostics]:
         """``fn(*inputs, **options)`` by replay, captured on the first call of this signature and ``options``."""
         key = self.signature(inputs, tuple(sorted(options.items())))
-        # Autocast cannot change the call (its cost is built in float32 outside autocast), and a capture must
-        # not see autocast's cast cache (torch.cuda.make_graphed_callables refuses it for the same reason).
-        with torch.autocast(device_type="cuda", enabled=False):
-            cap = self.captures.get(key)
-            if cap is None:
-                while len(self.captures) >= self.max_captures:
-                    self.captures.popitem(last=False)
-                cap = self.captures[key] = _Capture(functools.partial(self.fn, **options), inputs)
-            else:
-                self.captures.move_to_end(key)
-            loss = _Replay.apply(cap, *inputs)
-        return loss, PackedDiagnostics(cap.diagnostics.clone(), cap.layout, cap.template)
+        cap = self.captures.get(key)
+        if cap is not None and cap.state != self.state():
+            self.captures.clear()  # the state they update has new storage: every capture is stale
+            cap = None
+        if cap is None:
+            while len(self.captures) >= self.max_captures:
+                self.captures.popitem(last=False)
+            # Autocast cannot change the call (its cost is built in float32 outside autocast), and a capture
+            # must not see autocast's cast cache (torch.cuda.make_graphed_callables refuses it for the same reason).
+            with torch.autocast(device_type=inputs[0].device.type, enabled=False):
+                cap = _Capture(functools.partial(self.fn, **options), inputs, self.recorder, self.hold)
+            cap.state = self.state()
+            self.captures[key] = cap
+        else:
+            self.captures.move_to_end(key)
+        loss, flat = _Replay.apply(cap, *inputs)
+        return loss, PackedDiagnostics(flat, cap.layout, cap.template, cap.n_diagnostics)
 
 
 class PackedDiagnostics:
@@ -305,17 +373,17 @@ class PackedDiagnostics:
     :class:`~got_reg.GOTDiagnostics` (views of the copy, no kernel), once, when someone asks for it.
     """
 
-    __slots__ = ("_flat", "_layout", "_template", "_built")
+    __slots__ = ("_flat", "_layout", "_template", "_count", "_built")
 
-    def __init__(self, flat: torch.Tensor, layout: Layout, template: GOTDiagnostics) -> None:
-        self._flat, self._layout, self._template = flat, layout, template
+    def __init__(self, flat: torch.Tensor, layout: Layout, template: GOTDiagnostics, count: int) -> None:
+        self._flat, self._layout, self._template, self._count = flat, layout, template, count
         self._built: GOTDiagnostics | None = None
 
     def read_flags(self) -> tuple[bool, bool | None]:
-        """What :meth:`GOTDiagnostics.read_flags` returns, from the packed copy."""
-        return interpret_flags(unpack_one(self._flat, self._layout, 0).tolist())
+        """What :meth:`GOTDiagnostics.read_flags` returns, from the packed copy (the flags are its first bytes)."""
+        return interpret_flags(self._flat[: self._layout.views[0][1][0]].tolist())
 
     def unpack(self) -> GOTDiagnostics:
         if self._built is None:
-            self._built = diagnostics_from(self._template, unpack(self._flat, self._layout)[1:])
+            self._built = diagnostics_from(self._template, unpack(self._flat, self._layout)[1 : 1 + self._count])
         return self._built

@@ -98,11 +98,11 @@ class GOTRegularizer(nn.Module):
         select: which tensor of a tuple/list/dict/dataclass layer output is z (an index, key or a
             callable ``output -> tensor``); see :class:`~got_reg.FeatureCapture`.
         cuda_graphs: replay the call from CUDA graphs (:mod:`got_reg.graphs`): captured once per input
-            shape, then one replay forward and one backward instead of some sixty kernel launches. Needs
-            ``solver="sinkhorn"`` with ``backend="torch"``; a call is replayed when its tensors are on CUDA,
-            in at most float32, B ≤ 256 (the fused Triton kernel) and grad is enabled, and otherwise runs
-            eagerly (with a warning, once per reason, unless grad is simply off). Each call's loss must be
-            backpropagated before the next call of the same shapes (else its backward raises).
+            shape, then one graph launch (forward, backward and φ's step) instead of some sixty kernel
+            launches. Needs ``backend="torch"``; a call is replayed when its tensors are on CUDA and grad is
+            enabled, and, where it solves Sinkhorn (``solver="sinkhorn"``, or the dual's ``debias`` terms),
+            in at most float32 with B ≤ 256 (the fused Triton kernel); otherwise it runs eagerly (with a
+            warning, once per reason, unless grad is simply off). φ's Adam settings are those of its capture.
 
     φ is trained (one Adam step per call, from the same pass that gives the loss) only in training
     mode: when both the regulariser and the model (as seen on the hooked layer) are in training mode
@@ -162,12 +162,17 @@ class GOTRegularizer(nn.Module):
         self._capture = FeatureCapture(model, layer, select=select)
         if not isinstance(cuda_graphs, bool):
             raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
-        if cuda_graphs and (solver != "sinkhorn" or not isinstance(self.config.sinkhorn, TorchSinkhorn)):
+        if cuda_graphs and not isinstance(self.config.sinkhorn, TorchSinkhorn):
             raise ValueError(
-                "cuda_graphs=True needs solver='sinkhorn' with backend='torch' (the fused kernel, no host sync); "
-                f"got solver={solver!r}, backend={self.config.sinkhorn.name!r}"
+                "cuda_graphs=True needs backend='torch' (the fused kernel, no host sync); "
+                f"got backend={self.config.sinkhorn.name!r}"
             )
-        self._graphs = GraphedCalls(self._got_forward) if cuda_graphs else None
+        self._graphs: GraphedCalls | None = None
+        if cuda_graphs and self.potential is not None:
+            pot = self.potential
+            self._graphs = GraphedCalls(self._got_forward, hold=pot.unchanged, state=pot.fingerprint)
+        elif cuda_graphs:
+            self._graphs = GraphedCalls(self._got_forward)
         self._graph_warned: set[str] = set()
         self.layer_name = self._capture.layer_name
         self._diagnostics: GOTDiagnostics | PackedDiagnostics | None = None
@@ -239,7 +244,7 @@ class GOTRegularizer(nn.Module):
         inputs = (z, z_adv, logits_clean, logits_adv) + (() if y is None else (y,))
         diag: GOTDiagnostics | PackedDiagnostics
         if self._graphs is not None and self._graphable(inputs):
-            loss, diag = self._graphs(inputs, loss_scale=scale)
+            loss, diag = self._graphs(inputs, loss_scale=scale, update_potential=train_phi)
         else:
             loss, diag = got_forward(
                 self.config,
@@ -286,9 +291,19 @@ class GOTRegularizer(nn.Module):
             d = self._diagnostics = d.unpack()
         return d
 
-    def _got_forward(self, z, z_adv, logits_clean, logits_adv, y=None, *, loss_scale: float):  # type: ignore[no-untyped-def]
-        """The call that the CUDA graphs capture (Sinkhorn only: no state changes inside)."""
-        return got_forward(self.config, z, z_adv, logits_clean, logits_adv, y, loss_scale=loss_scale)
+    def _got_forward(self, z, z_adv, logits_clean, logits_adv, y=None, *, loss_scale: float, update_potential: bool):  # type: ignore[no-untyped-def]
+        """The call that the CUDA graphs capture (its only state change: φ's steps, in place)."""
+        return got_forward(
+            self.config,
+            z,
+            z_adv,
+            logits_clean,
+            logits_adv,
+            y,
+            potential=self.potential,
+            update_potential=update_potential,
+            loss_scale=loss_scale,
+        )
 
     def _graphable(self, inputs: tuple[torch.Tensor, ...]) -> bool:
         """Whether this call can be replayed from a CUDA graph; warns once per reason why not."""
@@ -296,10 +311,16 @@ class GOTRegularizer(nn.Module):
             return False  # evaluation: nothing to gain from a backward graph, and nothing to warn about
         B, device = inputs[2].shape[0], inputs[2].device
         dtype = ot_dtype(torch.promote_types(inputs[0].dtype, inputs[2].dtype))  # the cost's, as JointCost builds it
+        solves = self.config.solver == "sinkhorn" or self.config.debias  # Sinkhorn solves in the call
+        opt = self.potential.optimizer if self.potential is not None else None
         if any(not t.is_cuda for t in inputs):
             reason = "the features and logits are not on a CUDA device"
         elif torch.cuda.is_current_stream_capturing():
             return False  # inside the caller's own capture: the eager call is what gets captured
+        elif opt is not None and not opt.defaults.get("fused"):
+            reason = "φ's Adam is not the fused one (its step reads the host)"
+        elif not solves:
+            return True
         elif (tri := triton_module()) is None:
             reason = "Triton is not available, so Sinkhorn would synchronise with the host every few sweeps"
         elif tri.fused_takes(B, B, dtype, device):  # the solver's own test: every solve in one launch, no sync

@@ -1,9 +1,12 @@
-"""got_reg.graphs: the packing of the diagnostics (any device), and the CUDA-graph replay against the eager
-call (CUDA with Triton only: values, gradients and diagnostics equal over several steps, diagnostics that
-outlive later replays, one capture per shape, the stale backward refused)."""
+"""got_reg.graphs: the packing of the diagnostics (any device); the replay's bookkeeping on CPU through an
+emulated recorder (values, gradients, diagnostics and φ's steps equal to the eager call's, the scaled
+backward in any order, captures dropped when φ is loaded); and the CUDA-graph replay against the eager
+call (CUDA with Triton only: the same over several steps, diagnostics that outlive later replays, one
+capture per shape, one host read per call)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 
@@ -100,7 +103,8 @@ def test_packed_diagnostics_read_their_flags_and_unpack_once(converged):
     cfg = GOTConfig(beta=10.0, label_matching=True, max_iter=1000 if converged else 2)
     _, diag = got_forward(cfg, z, za, lc, la, y)
     flat, layout = pack([diag.flags(), *diagnostics_tensors(diag)])
-    packed = PackedDiagnostics(flat.clone(), layout, diag)
+    count = len(diagnostics_tensors(diag))
+    packed = PackedDiagnostics(flat.clone(), layout, diag, count)
     assert packed.read_flags() == diag.read_flags() == (True, converged)
     back = packed.unpack()
     assert packed.unpack() is back
@@ -110,7 +114,7 @@ def test_packed_diagnostics_read_their_flags_and_unpack_once(converged):
     # a non-finite value: the flag from the copy says so
     nan = dataclasses.replace(diag, finite=torch.tensor(False))
     flat, layout = pack([nan.flags(), *diagnostics_tensors(nan)])
-    assert PackedDiagnostics(flat, layout, nan).read_flags() == (False, converged)
+    assert PackedDiagnostics(flat, layout, nan, count).read_flags() == (False, converged)
     assert interpret_flags([True]) == (True, None)  # the dual without debias: no Sinkhorn solve
 
 
@@ -143,9 +147,7 @@ def _net():
 def test_validation_and_cpu_fallback_warns_once():
     with pytest.raises(TypeError, match="cuda_graphs must be a bool"):
         GOTRegularizer(_net(), "1", cuda_graphs=1)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="solver='sinkhorn' with backend='torch'.*solver='dual'"):
-        GOTRegularizer(_net(), "1", cuda_graphs=True, solver="dual")
-    with pytest.raises(ValueError, match="backend='geomloss'"):
+    with pytest.raises(ValueError, match="needs backend='torch'.*got backend='geomloss'"):
         GOTRegularizer(_net(), "1", cuda_graphs=True, backend="geomloss")
     net = _net()
     eager, graphed = GOTRegularizer(net, "1", beta=10.0), GOTRegularizer(net, "1", beta=10.0, cuda_graphs=True)
@@ -196,8 +198,156 @@ def _eager_then_graphed(eager, graphed, feed, inputs, twin):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
 
 
+class EagerRecorder:
+    """The recorder protocol of :class:`got_reg.graphs.CUDARecorder` without CUDA: a "capture" runs the body
+    once and a replay runs it again, copying its output into the static buffer. With it the CPU tests check
+    the graphs' bookkeeping (static inputs, one packed copy per call, the scaled backward, φ's state kept
+    through warm-up and capture); what only a real capture can get wrong is checked by the CUDA tests."""
+
+    def __init__(self) -> None:
+        self.captures = self.replays = 0
+
+    def warm_up(self, run):
+        run()
+
+    def capture(self, body):
+        self.captures += 1
+        out, meta = body()
+
+        def replay():
+            self.replays += 1
+            with torch.enable_grad():  # a Function's forward runs without grad; a real replay runs no Python
+                out.copy_(body()[0])
+
+        return replay, out, meta
+
+
+def _emulated(got, monkeypatch):
+    """``got`` (built with cuda_graphs=True) replaying through an EagerRecorder on CPU."""
+    got._graphs.recorder = EagerRecorder()
+    monkeypatch.setattr(got, "_graphable", lambda inputs: True)
+    return got._graphs.recorder
+
+
+def _twin(inputs):
+    return [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs[:4]] + [inputs[4]]
+
+
+_VARIANTS = [
+    dict(),
+    dict(label_matching=True, anchor="none"),
+    dict(solver="dual", label_matching=True),
+    dict(solver="dual", debias=False, dual_steps=2),
+]
+
+
+@pytest.mark.parametrize("options", _VARIANTS)
+def test_emulated_replay_equals_eager_over_steps_and_keeps_phi_in_step(options, monkeypatch):
+    """Replays (CPU emulation) against the eager call over steps of new data: losses, input gradients,
+    diagnostics and, for the dual, φ's weight, Adam's state and update count; warm-up and capture leave φ
+    as they found it, so each replay is one training step of φ as in the eager call."""
+    feed = _Feed()
+    eager = GOTRegularizer(feed, "feat", beta=10.0, **options)
+    graphed = GOTRegularizer(feed, "feat", beta=10.0, cuda_graphs=True, **options)
+    recorder = _emulated(graphed, monkeypatch)
+    for step in range(3):
+        inputs = _problem(seed=step)
+        _eager_then_graphed(eager, graphed, feed, inputs, _twin(inputs))
+        assert graphed.diagnostics.as_dict() == pytest.approx(eager.diagnostics.as_dict(), rel=1e-5, abs=1e-7)
+        if eager.potential is not None:
+            torch.testing.assert_close(graphed.potential.weight, eager.potential.weight, rtol=1e-5, atol=1e-7)
+            we, wg = (g.potential.optimizer.state[g.potential.weight] for g in (eager, graphed))
+            torch.testing.assert_close(wg["exp_avg_sq"], we["exp_avg_sq"], rtol=1e-5, atol=1e-12)
+            assert graphed.potential.num_updates == eager.potential.num_updates == (step + 1) * eager.potential.steps
+    assert (recorder.captures, recorder.replays) == (1, 3)
+
+
+def test_emulated_backward_scales_by_the_upstream_gradient_in_any_order(monkeypatch):
+    """One capture computes the gradients at unit upstream gradient; a call's backward multiplies its own copy,
+    so it may run after later calls (no stale buffers) and with any upstream gradient, also after an
+    in-place change of the loss."""
+    feed = _Feed()
+    eager = GOTRegularizer(feed, "feat", beta=10.0, label_matching=True)
+    graphed = GOTRegularizer(feed, "feat", beta=10.0, label_matching=True, cuda_graphs=True)
+    _emulated(graphed, monkeypatch)
+    problems = [_problem(seed=s) for s in (5, 6)]
+    twins = [_twin(p) for p in problems]
+    losses = [_call(graphed, feed, *t) for t in twins]  # both calls before either backward
+    for inputs, twin, loss, weight in reversed(list(zip(problems, twins, losses, (2.5, -0.5)))):
+        loss.mul_(weight)  # in place, as on the eager loss
+        loss.backward()
+        reference = _call(eager, feed, *inputs)
+        (weight * reference).backward()
+        torch.testing.assert_close(loss, weight * reference.detach(), rtol=1e-5, atol=1e-6)
+        for a, b in zip(twin[:4], inputs[:4]):
+            if b.grad is None:  # anchor="clean": no gradient to the clean side
+                assert a.grad is None or not a.grad.any()
+            else:
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
+    assert problems[0][1].grad is not None
+
+
+def test_emulated_dual_recaptures_when_phi_is_loaded_and_eval_mode_leaves_it(monkeypatch):
+    """A capture updates φ's tensors in place: loading a state dict (new Adam state tensors) drops the captures
+    and the next call steps from the loaded state; a call with the model in eval mode (grad on) is its own
+    capture and does not step φ."""
+    feed = _Feed()
+    trained = GOTRegularizer(feed, "feat", beta=10.0, solver="dual", label_matching=True)
+    for s in range(3):
+        _call(trained, feed, *_problem(seed=10 + s)).backward()
+    graphed = GOTRegularizer(feed, "feat", beta=10.0, solver="dual", label_matching=True, cuda_graphs=True)
+    recorder = _emulated(graphed, monkeypatch)
+    _call(graphed, feed, *_problem(seed=0)).backward()
+    graphed.load_state_dict(copy.deepcopy(trained.state_dict()))  # a checkpoint's copy (Adam's load keeps tensors)
+    assert graphed.potential.num_updates == 3
+    inputs = _problem(seed=1)
+    _eager_then_graphed(trained, graphed, feed, inputs, _twin(inputs))
+    assert recorder.captures == 2 and len(graphed._graphs.captures) == 1
+    torch.testing.assert_close(graphed.potential.weight, trained.potential.weight, rtol=1e-5, atol=1e-7)
+    assert graphed.potential.num_updates == trained.potential.num_updates == 4
+    before = graphed.potential.weight.detach().clone()
+    feed.eval()
+    try:
+        inputs = _problem(seed=2)
+        _eager_then_graphed(trained, graphed, feed, inputs, _twin(inputs))
+    finally:
+        feed.train()
+    assert torch.equal(graphed.potential.weight, before) and graphed.potential.num_updates == 4
+    assert recorder.captures == 3 and len(graphed._graphs.captures) == 2
+
+
+def test_phi_unchanged_restores_in_place_and_zeroes_what_was_built_inside():
+    from got_reg.solvers import KantorovichPotential
+
+    pot = KantorovichPotential(lr=0.1)
+    e, plan = torch.randn(6, 4), torch.softmax(torch.randn(6, 6), 1) / 6
+    with pot.unchanged():
+        pot.build(4, e.device, e.dtype)
+        pot.step(e, plan)
+        pot.step(e, plan)
+    assert pot.built and not pot.weight.any() and pot.num_updates == 0
+    assert all(not t.any() for t in pot.state_tensors())
+    pot.step(e, plan)
+    kept = [t.detach().clone() for t in pot.state_tensors()]
+    ptrs = pot.fingerprint()
+    with pot.unchanged():
+        pot.step(e, plan)
+        assert not torch.equal(pot.weight, kept[0])
+    assert all(torch.equal(a, b) for a, b in zip(pot.state_tensors(), kept))
+    assert pot.fingerprint() == ptrs and pot.num_updates == 1
+
+
 @needs_gpu
-@pytest.mark.parametrize("options", [dict(), dict(label_matching=True), dict(label_matching=True, debias=False)])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(),
+        dict(label_matching=True),
+        dict(label_matching=True, debias=False),
+        dict(solver="dual", label_matching=True),
+        dict(solver="dual", debias=False),
+    ],
+)
 def test_replay_equals_eager_over_steps(options):
     feed = _Feed()
     eager = GOTRegularizer(feed, "feat", beta=10.0, **options)
@@ -205,13 +355,15 @@ def test_replay_equals_eager_over_steps(options):
     kept = []
     for step in range(4):
         inputs = _problem(B=128, D=64, K=10, seed=step, device="cuda")
-        twin = [t.detach().clone().requires_grad_(t.requires_grad) for t in inputs[:4]] + [inputs[4]]
-        _eager_then_graphed(eager, graphed, feed, inputs, twin)
+        _eager_then_graphed(eager, graphed, feed, inputs, _twin(inputs))
         de, dg = eager.diagnostics.as_dict(), graphed.diagnostics.as_dict()
         assert de.keys() == dg.keys()
         for k in de:
             assert dg[k] == pytest.approx(de[k], rel=1e-4, abs=1e-6), k
         kept.append((graphed.diagnostics, dg))
+        if eager.potential is not None:  # the replayed Adam step moved φ as the eager one did
+            torch.testing.assert_close(graphed.potential.weight, eager.potential.weight, rtol=1e-4, atol=1e-6)
+            assert graphed.potential.num_updates == eager.potential.num_updates == step + 1
     assert len(graphed._graphs.captures) == 1
     for diag, seen in kept:  # later replays did not overwrite an earlier call's diagnostics
         assert diag.as_dict() == seen
@@ -232,7 +384,7 @@ def test_small_batch_captures_after_eager_calls_of_every_variant():
         with GOTRegularizer(feed, "feat", beta=10.0, **options) as eager:
             for _ in range(3):
                 _call(eager, feed, *twin()).backward()
-    for options in (dict(), dict(label_matching=True)):
+    for options in (dict(), dict(label_matching=True), dict(label_matching=True, solver="dual")):
         eager = GOTRegularizer(feed, "feat", beta=10.0, **options)
         graphed = GOTRegularizer(feed, "feat", beta=10.0, cuda_graphs=True, **options)
         for _ in range(3):
@@ -243,24 +395,29 @@ def test_small_batch_captures_after_eager_calls_of_every_variant():
 
 
 @needs_gpu
-def test_new_shape_recaptures_and_stale_backward_raises():
+def test_new_shape_recaptures_and_backward_runs_in_any_order():
     feed = _Feed()
     got = GOTRegularizer(feed, "feat", beta=10.0, label_matching=True, cuda_graphs=True)
+    eager = GOTRegularizer(feed, "feat", beta=10.0, label_matching=True)
     for B in (128, 100, 128):
         loss = _call(got, feed, *_problem(B=B, D=64, K=10, seed=B, device="cuda"))
         loss.backward()
     assert len(got._graphs.captures) == 2
-    first = _call(got, feed, *_problem(B=128, D=64, K=10, seed=1, device="cuda"))
-    second = _call(got, feed, *_problem(B=128, D=64, K=10, seed=2, device="cuda"))
-    with pytest.raises(RuntimeError, match="later call with the same shapes"):
-        first.backward()
-    second.backward()  # the latest call's backward is fine
+    problems = [_problem(B=128, D=64, K=10, seed=s, device="cuda") for s in (1, 2)]
+    twins = [_twin(p) for p in problems]
+    losses = [_call(got, feed, *t) for t in twins]
+    for inputs, twin, loss in reversed(list(zip(problems, twins, losses))):  # the first call's backward last
+        (3.0 * loss).backward()
+        (3.0 * _call(eager, feed, *inputs)).backward()
+        for a, b in zip(twin[1::2], inputs[1::2]):  # the adversarial side (anchor="clean")
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-7)
 
 
 @needs_gpu
-def test_replay_has_one_host_read_and_too_large_batch_warns():
+@pytest.mark.parametrize("solver", ["sinkhorn", "dual"])
+def test_replay_has_one_host_read_and_too_large_batch_warns(solver):
     feed = _Feed()
-    got = GOTRegularizer(feed, "feat", beta=10.0, label_matching=True, cuda_graphs=True)
+    got = GOTRegularizer(feed, "feat", beta=10.0, label_matching=True, solver=solver, cuda_graphs=True)
     inputs = _problem(B=128, D=64, K=10, seed=0, device="cuda")
     _call(got, feed, *inputs).backward()  # the capture
     torch.cuda.synchronize()

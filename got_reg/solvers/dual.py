@@ -23,8 +23,10 @@ With a label mask (eq. 6), forbidden pairs have C = +∞ and drop out of the inn
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -93,6 +95,21 @@ def _semidual_pass(
     return value, P_t
 
 
+@contextlib.contextmanager
+def _capturable(optimizer: torch.optim.Optimizer) -> Iterator[None]:
+    """Adam under CUDA graph capture: it insists on ``capturable=True``, which its fused update needs no
+    change for (the step count is on the device anyway); outside a capture the flag would make Adam warn."""
+    groups = optimizer.param_groups
+    flags = [g["capturable"] for g in groups]
+    for g in groups:
+        g["capturable"] = g["capturable"] or g["fused"]
+    try:
+        yield
+    finally:
+        for g, flag in zip(groups, flags):
+            g["capturable"] = flag
+
+
 class KantorovichPotential(nn.Module):
     """φ(e) = wᵀe, built at the first call from e's size, trained by ascent on (2).
 
@@ -110,13 +127,27 @@ class KantorovichPotential(nn.Module):
         self.weight: nn.Parameter | None
         self.register_parameter("weight", None)
         self.optimizer: torch.optim.Optimizer | None = None
-        self.num_updates = 0
+        # Updates not in the optimizer's own count: those of optimizers that a reset replaced, and a loaded
+        # checkpoint's. The count is read from Adam's step tensor so that a CUDA graph replay counts too.
+        self._updates_before = 0
 
     @property
     def built(self) -> bool:
         return self.weight is not None
 
+    @property
+    def num_updates(self) -> int:
+        """Ascent steps taken so far (Adam's step count, a host read on a GPU, plus those before a reset)."""
+        return self._updates_before + self._optimizer_steps()
+
+    def _optimizer_steps(self) -> int:
+        if self.optimizer is None or self.weight is None:
+            return 0
+        state = self.optimizer.state.get(self.weight)
+        return int(state["step"]) if state else 0
+
     def build(self, dim: int, device: torch.device, dtype: torch.dtype) -> None:
+        self._updates_before = self.num_updates
         # Zeros: no draw from the global RNG (which the user's seeding owns, and which must agree across
         # DDP ranks); φ = 0 gives (2) the soft-min cost, a valid lower bound.
         # Never an inference tensor (a first call under torch.inference_mode()): Adam updates w in place later.
@@ -146,9 +177,12 @@ class KantorovichPotential(nn.Module):
         assert self.optimizer is not None and self.weight is not None
         B = plan.shape[0]
         self.weight.grad = -(e.detach().to(self.weight.dtype).T @ (1.0 / B - plan.sum(1).to(self.weight.dtype)))
-        self.optimizer.step()
+        if self.weight.is_cuda and torch.cuda.is_current_stream_capturing():
+            with _capturable(self.optimizer):
+                self.optimizer.step()
+        else:
+            self.optimizer.step()
         self.weight.grad = None
-        self.num_updates += 1
 
     def ascend(self, e: torch.Tensor, cost: torch.Tensor, theta: float, mask: torch.Tensor | None, n: int) -> None:
         """``n`` extra ascent steps, each from its own pass (for ``steps`` > 1)."""
@@ -156,6 +190,36 @@ class KantorovichPotential(nn.Module):
         for _ in range(n):
             _, plan_t = _semidual_pass(cost, self(e), theta, mask)
             self.step(e, plan_t.T)
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        """w and Adam's state tensors (empty before the first step), the memory that a step updates in place."""
+        if self.weight is None or self.optimizer is None:
+            return []
+        state = self.optimizer.state.get(self.weight, {})
+        return [self.weight, *(v for v in state.values() if isinstance(v, torch.Tensor))]
+
+    def fingerprint(self) -> tuple:
+        """Where φ's state lives and the step's settings: a CUDA graph that updates φ is valid while this holds."""
+        groups = self.optimizer.param_groups if self.optimizer is not None else []
+        settings = tuple((g["lr"], g["betas"], g["eps"], g["weight_decay"], g["amsgrad"], g["fused"]) for g in groups)
+        return tuple(t.data_ptr() for t in self.state_tensors()), settings, self.steps
+
+    @contextlib.contextmanager
+    def unchanged(self) -> Iterator[None]:
+        """Inside, steps may run; on exit w and Adam's state are back to their values on entry, in place (the
+        tensors keep their storage: a CUDA graph captured inside updates them). What was built inside is
+        left as built, at its initial values (w = 0, Adam's state 0)."""
+        before = {id(t): t.detach().clone() for t in self.state_tensors()}
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for t in self.state_tensors():
+                    old = before.get(id(t))
+                    if old is None:
+                        t.zero_()
+                    else:
+                        t.copy_(old)
 
     def reset_if_diverged(self) -> bool:
         """Reset φ to 0 if w is not finite (one host read); returns whether it did."""
@@ -171,7 +235,7 @@ class KantorovichPotential(nn.Module):
         return state
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.num_updates = int(state.get("num_updates", 0))
+        updates = int(state.get("num_updates", 0))
         if "optimizer" in state and self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
             saved = [g["lr"] for g in self.optimizer.param_groups]
@@ -183,6 +247,7 @@ class KantorovichPotential(nn.Module):
                 )
             for g in self.optimizer.param_groups:
                 g["lr"] = self.lr
+        self._updates_before = updates - self._optimizer_steps()
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # φ is lazy: a fresh regulariser builds it from the saved weight before loading it.
