@@ -144,13 +144,15 @@ def _net():
     return nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 5))
 
 
-def test_validation_and_cpu_fallback_warns_once():
+@pytest.mark.parametrize("solver", ["sinkhorn", "dual"])
+def test_validation_and_cpu_fallback_warns_once(solver):
     with pytest.raises(TypeError, match="cuda_graphs must be a bool"):
         GOTRegularizer(_net(), "1", cuda_graphs=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="needs backend='torch'.*got backend='geomloss'"):
-        GOTRegularizer(_net(), "1", cuda_graphs=True, backend="geomloss")
+        GOTRegularizer(_net(), "1", cuda_graphs=True, backend="geomloss", solver=solver)
     net = _net()
-    eager, graphed = GOTRegularizer(net, "1", beta=10.0), GOTRegularizer(net, "1", beta=10.0, cuda_graphs=True)
+    eager = GOTRegularizer(net, "1", beta=10.0, solver=solver)
+    graphed = GOTRegularizer(net, "1", beta=10.0, solver=solver, cuda_graphs=True)
     x, y = torch.randn(16, 12), torch.arange(16) % 5
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
@@ -164,6 +166,8 @@ def test_validation_and_cpu_fallback_warns_once():
         "GOTRegularizer(cuda_graphs=True) runs this call eagerly: the features and logits are not on a CUDA device."
     ]
     assert torch.equal(a, b)
+    if solver == "dual":  # φ stepped once in each eager call with grad: the graphed one's fallback too
+        assert graphed.potential.num_updates == 2 and eager.potential.num_updates == 1
 
 
 _GPU = torch.cuda.is_available() and triton_module() is not None
