@@ -453,7 +453,9 @@ class FeatureCapture:
         if entry.version is not None and feature._version != entry.version:
             raise RuntimeError(
                 f"the features of layer {self.layer_name!r} filed for {what} were changed in place after the "
-                "forward (a tensor returned by lookup() was modified in place); clone it before changing it"
+                "forward: a tensor returned by lookup() was modified in place (clone it before changing it), or "
+                "the layer writes its output into the same memory in every forward (then copy it: "
+                "select=lambda out: out.clone())"
             )
         if feature.ndim == 0 or (base.ndim and feature.shape[0] != base.shape[0]):
             raise ValueError(

@@ -201,6 +201,35 @@ def test_features_changed_in_place_after_lookup_are_refused():
         cap.lookup(out)
 
 
+class _Reuse(nn.Module):
+    """A layer that writes its output into one buffer in every forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("out", torch.zeros(4, 3))
+
+    def forward(self, x):
+        return torch.mul(x, 2.0, out=self.out)
+
+
+def test_a_layer_reusing_its_output_memory_is_refused_and_select_clone_works():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3), _Reuse(), nn.Linear(3, 2))
+    x1, x2 = torch.randn(4, 6), torch.randn(4, 6)
+    with torch.no_grad():
+        cap = FeatureCapture(model, "1")
+        for _ in range(2):  # the second pair: after the first forward, the output is filed uncopied
+            a, b = model(x1), model(x2)
+        with pytest.raises(RuntimeError, match=r"writes its output into the same memory.*out\.clone\(\)"):
+            cap.lookup(a)
+        cap.remove()
+        cap = FeatureCapture(model, "1", select=lambda out: out.clone())
+        a, b = model(x1), model(x2)
+        torch.testing.assert_close(cap.lookup(a), 2.0 * model[0](x1))
+        torch.testing.assert_close(cap.lookup(b), 2.0 * model[0](x2))
+        cap.remove()
+
+
 def test_features_stay_alive_only_with_their_output():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(inplace=True), nn.Linear(12, 3))
