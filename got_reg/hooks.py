@@ -12,11 +12,12 @@ Why each piece is as it is:
 * The layer's output is copied only where the model changes it in place after the layer ran
   (``nn.ReLU(inplace=True)``, or ``out += shortcut; relu_`` after ``bn2`` in a ResNet block), where a
   reference would hold the later values. Which models do is learned per mode (train, eval): the first
-  forward in a mode copies the output (``clone`` keeps the autograd path to the layer) and compares its
-  version counter before and after the rest of the forward; if it did not change, later forwards in
-  that mode keep a reference (no copy: on a GPU each is a launch, and the attack's forwards are many),
-  and still compare. A forward that changes an uncopied output files an error instead of its features
-  (lookup raises it, naming the cause), and from then on that mode copies. Inference tensors (no
+  :data:`CLEAN_FORWARDS` forwards in a mode copy the output (``clone`` keeps the autograd path to the
+  layer) and compare its version counter before and after the rest of the forward; if it never changed,
+  later forwards in that mode keep a reference (no copy: on a GPU each is a launch, and the attack's
+  forwards are many), and still compare. A forward that changes an uncopied output files
+  :class:`FeaturesOverwritten` instead of its features (lookup raises it, naming the cause; the
+  regulariser skips that step's term with a warning), and from then on that mode copies. Inference tensors (no
   version counter), forwards traced by ``torch.compile`` and a layer output that the model returns (or
   a view of it, which would keep its own entry alive) are always copied. What is filed lives as long as
   the output it is filed under.
@@ -202,6 +203,14 @@ class _Entry(NamedTuple):
     version: int | None  # the copy's _version when filed (None for inference tensors)
 
 
+#: forwards per mode that copy the layer output and find it unchanged before later ones keep a reference
+CLEAN_FORWARDS = 20
+
+
+class FeaturesOverwritten(RuntimeError):
+    """The model changed the hooked layer's output in place later in a forward in which it was not copied."""
+
+
 class _Watch(NamedTuple):
     """The layer's own output in a forward, to compare its version counter when the forward ends."""
 
@@ -284,9 +293,9 @@ class FeatureCapture:
         self._model_ran = False
         self._state = _State()
         self._entries: dict[int, _Entry] = _Table()
-        # Per mode (layer.training): whether the model changes the layer's output in place later in its
-        # forward (None: not seen yet, so copy and watch).
-        self._changes_output: dict[bool, bool | None] = {True: None, False: None}
+        # Per mode (layer.training): forwards that copied the layer's output and found it unchanged at their
+        # end, or -1 once one found it changed (that mode copies for good).
+        self._unchanged: dict[bool, int] = {True: 0, False: 0}
         self._handles = [
             self.layer.register_forward_hook(_Hook(self, "_on_layer")),
             model.register_forward_pre_hook(_Hook(self, "_on_model_start")),
@@ -309,7 +318,7 @@ class FeatureCapture:
                 feature = feature.clone()
             else:
                 training = module.training
-                copy = self._changes_output[training] is not False
+                copy = self._unchanged[training] < CLEAN_FORWARDS  # -1 (seen changed) included
                 st.watch = _Watch(feature, feature._version, copy, training)
                 feature = feature.clone() if copy else feature
         st.feature = feature
@@ -387,16 +396,18 @@ class FeatureCapture:
     def _checked(self, feature: torch.Tensor, watch: _Watch) -> Any:
         """``feature``, or an error if the forward changed the uncopied layer output in place; learns the mode."""
         changed = watch.output._version != watch.version
-        if self._changes_output[watch.training] is None or changed:
-            self._changes_output[watch.training] = changed
+        seen = self._unchanged[watch.training]
+        if changed:
+            self._unchanged[watch.training] = -1
+        elif seen >= 0:
+            self._unchanged[watch.training] = seen + 1
         if not changed or watch.copied:
             return feature
         mode = "training" if watch.training else "eval"
-        return RuntimeError(
+        return FeaturesOverwritten(
             f"the output of layer {self.layer_name!r} was changed in place later in the forward that produced "
-            f"{{what}}, which earlier forwards in {mode} mode did not do, so its features were not copied and are "
-            "lost for this forward; got-reg copies them in every later forward in this mode. Use the logits of "
-            "a new forward"
+            f"{{what}}, which the first {CLEAN_FORWARDS} forwards in {mode} mode did not do, so it was not copied "
+            "and its features are lost for this forward; got-reg copies them in every later forward in this mode"
         )
 
     def _make_reaper(self, key: int) -> Callable[[weakref.ref], None]:

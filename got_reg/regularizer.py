@@ -29,7 +29,7 @@ from .diagnostics import GOTDiagnostics
 from .distributed import any_rank, gather_with_grad, world_size
 from .functional import GOTConfig, got_forward, raise_non_finite
 from .graphs import GraphedCalls, PackedDiagnostics
-from .hooks import FeatureCapture
+from .hooks import FeatureCapture, FeaturesOverwritten
 from .solvers import KantorovichPotential, SinkhornBackend
 from .solvers.lse import triton_module
 from .solvers.sinkhorn import TorchSinkhorn, warn_unconverged
@@ -207,8 +207,11 @@ class GOTRegularizer(nn.Module):
         """β · W for the two batches; ``y`` (B,) are the clean batch's labels, needed for label matching."""
         if not self._capture.active:
             raise RuntimeError("this GOTRegularizer was removed from its model; build a new one")
-        z = self._capture.lookup(logits_clean, "logits_clean")
-        z_adv = self._capture.lookup(logits_adv, "logits_adv")
+        try:
+            z = self._capture.lookup(logits_clean, "logits_clean")
+            z_adv = self._capture.lookup(logits_adv, "logits_adv")
+        except FeaturesOverwritten as exc:  # once per mode at most: the hooks copy from then on
+            return self._skip(logits_clean, str(exc))
         gather = self.distributed_gather and world_size() > 1
         named = {
             f"features of logits_clean (layer {self.layer_name!r})": z,
@@ -340,12 +343,10 @@ class GOTRegularizer(nn.Module):
             )
         return False
 
-    def _skip(self, logits_clean: torch.Tensor, bad: list) -> torch.Tensor:
-        warnings.warn(
-            f"GOT term skipped for this step: non-finite values in {bad or 'the OT value'}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    def _skip(self, logits_clean: torch.Tensor, bad: list | str) -> torch.Tensor:
+        """A zero loss for this step, with a warning saying why (``bad``: the non-finite inputs, or a reason)."""
+        why = bad if isinstance(bad, str) else f"non-finite values in {bad or 'the OT value'}"
+        warnings.warn(f"GOT term skipped for this step: {why}", RuntimeWarning, stacklevel=3)
         self.diagnostics = None
         return logits_clean.new_zeros((), dtype=torch.float32)
 

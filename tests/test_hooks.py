@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from got_reg import FeatureCapture, GOTConvergenceWarning, GOTRegularizer
+from got_reg import hooks as got_hooks
+from got_reg.hooks import FeaturesOverwritten
 
 
 def got_value_and_grads(model, got, x, xa, y):
@@ -73,9 +75,15 @@ class _Switch(nn.Module):
         return self.head(F.relu_(h) if self.in_place else F.relu(h))
 
 
-def test_output_is_copied_only_in_modes_where_the_model_changes_it():
-    """Eval forwards that leave the layer's output alone file the output itself (no copy) after the first,
-    which is copied while the mode is learned; train forwards with an in-place ReLU copy from their first,
+@pytest.fixture
+def two_clean_forwards(monkeypatch):
+    """The hooks learn a mode from 2 forwards instead of got_reg.hooks.CLEAN_FORWARDS."""
+    monkeypatch.setattr(got_hooks, "CLEAN_FORWARDS", 2)
+
+
+def test_output_is_copied_only_in_modes_where_the_model_changes_it(two_clean_forwards):
+    """Eval forwards that leave the layer's output alone file the output itself (no copy) after the first
+    two, which are copied while the mode is learned; train forwards with an in-place ReLU copy throughout,
     so every filed feature is the layer's true output (the TRADES order: attack in eval, then training)."""
     torch.manual_seed(0)
     model = _Switch()
@@ -84,15 +92,15 @@ def test_output_is_copied_only_in_modes_where_the_model_changes_it():
     true = model.lin(x).detach()
     model.outputs.clear()
     model.eval()
-    for k in range(3):
+    for k in range(4):
         out = model(x)
         z = cap.lookup(out)
         torch.testing.assert_close(z, true)
         shares = z.data_ptr() == model.outputs[-1].data_ptr()
-        assert shares == (k > 0)  # the first forward in a mode copies
+        assert shares == (k >= 2)  # the first forwards in a mode copy
     model.train()
     model.in_place = True
-    for _ in range(3):
+    for _ in range(4):
         out = model(x)
         z = cap.lookup(out)
         torch.testing.assert_close(z, true)
@@ -116,11 +124,13 @@ def test_a_hooked_last_layer_is_filed_as_a_copy_and_reaped_with_its_output():
     cap.remove()
 
 
-def test_an_in_place_change_in_a_mode_that_had_none_is_refused_then_copied():
+def test_an_in_place_change_in_a_mode_that_had_none_is_refused_then_copied(two_clean_forwards):
+    """The lookup raises FeaturesOverwritten for that forward; the regulariser skips its term with a warning;
+    both work from the next forward on."""
     torch.manual_seed(0)
     model = _Switch()
     cap = FeatureCapture(model, "lin")
-    x = torch.randn(8, 6)
+    x, xa, y = torch.randn(8, 6), torch.randn(8, 6), torch.arange(8) % 3
     true = model.lin(x).detach()
     assert (true < 0).any()
     for _ in range(2):
@@ -128,14 +138,28 @@ def test_an_in_place_change_in_a_mode_that_had_none_is_refused_then_copied():
     model.in_place = True
     out = model(x)
     with pytest.raises(
-        RuntimeError,
-        match=r"output of layer 'lin' was changed in place later in the forward that "
-        r"produced logits, which earlier forwards in training mode did not do",
+        FeaturesOverwritten,
+        match=r"output of layer 'lin' was changed in place later in the forward that produced logits, which the "
+        r"first 2 forwards in training mode did not do",
     ):
         cap.lookup(out)
     for _ in range(2):  # copied from now on
         torch.testing.assert_close(cap.lookup(model(x)), true)
     cap.remove()
+
+    model.in_place = False
+    got, ref = GOTRegularizer(model, "lin", debias=False), GOTRegularizer(model, "lin", debias=False)
+    for _ in range(2):
+        got(model(x), model(xa), y)
+    model.in_place = True
+    with pytest.warns(RuntimeWarning, match=r"GOT term skipped for this step: the output of layer 'lin' was changed"):
+        skipped = got(model(x), model(xa), y)
+    assert float(skipped) == 0.0 and got.diagnostics is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        value = got(model(x), model(xa), y)
+    model.in_place = False  # the reference: the layer's true output, through the other regulariser's copies
+    torch.testing.assert_close(value, ref(model(x), model(xa), y))
 
 
 class Block(nn.Module):
@@ -212,13 +236,13 @@ class _Reuse(nn.Module):
         return torch.mul(x, 2.0, out=self.out)
 
 
-def test_a_layer_reusing_its_output_memory_is_refused_and_select_clone_works():
+def test_a_layer_reusing_its_output_memory_is_refused_and_select_clone_works(two_clean_forwards):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 3), _Reuse(), nn.Linear(3, 2))
     x1, x2 = torch.randn(4, 6), torch.randn(4, 6)
     with torch.no_grad():
         cap = FeatureCapture(model, "1")
-        for _ in range(2):  # the second pair: after the first forward, the output is filed uncopied
+        for _ in range(2):  # the second pair: after two forwards, the output is filed uncopied
             a, b = model(x1), model(x2)
         with pytest.raises(RuntimeError, match=r"writes its output into the same memory.*out\.clone\(\)"):
             cap.lookup(a)
