@@ -41,10 +41,11 @@ def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is True on any: a decision to skip a collective must be collective."""
+def rank_max(value: int, device: torch.device) -> int:
+    """The largest ``value`` over the ranks (``value`` itself without a process group): a decision to skip a
+    collective must be collective, and a code (0 all well, 1 skip, 2 non-finite) says which one every rank takes."""
     if world_size() == 1:
-        return flag
-    t = torch.tensor([1 if flag else 0], device=device)
+        return value
+    t = torch.tensor([value], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())

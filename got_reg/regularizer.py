@@ -26,7 +26,7 @@ from torch import nn
 from ._checks import check_choice, check_int, check_positive, ot_dtype
 from .costs import PairwiseCost
 from .diagnostics import GOTDiagnostics
-from .distributed import any_rank, gather_with_grad, world_size
+from .distributed import gather_with_grad, rank_max, world_size
 from .functional import GOTConfig, got_forward, raise_non_finite
 from .graphs import GraphedCalls, PackedDiagnostics
 from .hooks import FeatureCapture, FeaturesOverwritten
@@ -37,6 +37,13 @@ from .solvers.sinkhorn import TorchSinkhorn, warn_unconverged
 NAN_POLICIES = ("raise", "skip")
 
 __all__ = ["GOTRegularizer", "GOTCollapseWarning"]
+
+
+def _another_rank_non_finite() -> FloatingPointError:
+    return FloatingPointError(
+        "another rank's features or logits hold NaN/inf (distributed_gather=True): every rank raises "
+        "so that none waits in all_gather; nan_policy='skip' skips the GOT term on all ranks instead"
+    )
 
 
 class GOTCollapseWarning(UserWarning):
@@ -207,12 +214,15 @@ class GOTRegularizer(nn.Module):
         """β · W for the two batches; ``y`` (B,) are the clean batch's labels, needed for label matching."""
         if not self._capture.active:
             raise RuntimeError("this GOTRegularizer was removed from its model; build a new one")
+        gather = self.distributed_gather and world_size() > 1
         try:
             z = self._capture.lookup(logits_clean, "logits_clean")
             z_adv = self._capture.lookup(logits_adv, "logits_adv")
         except FeaturesOverwritten as exc:  # once per mode at most: the hooks copy from then on
+            # Under the gather every rank takes one decision (code 1: skip), or the others would wait in all_gather.
+            if gather and rank_max(1, logits_clean.device) == 2 and self.nan_policy == "raise":
+                raise _another_rank_non_finite() from exc
             return self._skip(logits_clean, str(exc))
-        gather = self.distributed_gather and world_size() > 1
         named = {
             f"features of logits_clean (layer {self.layer_name!r})": z,
             f"features of logits_adv (layer {self.layer_name!r})": z_adv,
@@ -223,15 +233,15 @@ class GOTRegularizer(nn.Module):
             # The decision to skip or raise must be collective, or a rank that left alone would leave
             # the others waiting in all_gather until the process-group timeout.
             bad = [n for n, t in named.items() if isinstance(t, torch.Tensor) and not bool(torch.isfinite(t).all())]
-            if any_rank(bool(bad), logits_clean.device):
+            code = rank_max(2 if bad else 0, logits_clean.device)
+            if code == 2:
                 if self.nan_policy == "skip":
                     return self._skip(logits_clean, bad or ["another rank"])
                 if bad:
                     raise_non_finite({bad[0]: named[bad[0]]})
-                raise FloatingPointError(
-                    "another rank's features or logits hold NaN/inf (distributed_gather=True): every rank raises "
-                    "so that none waits in all_gather; nan_policy='skip' skips the GOT term on all ranks instead"
-                )
+                raise _another_rank_non_finite()
+            if code == 1:
+                return self._skip(logits_clean, "another rank's features were overwritten in place (see its warning)")
             z, z_adv = gather_with_grad(z), gather_with_grad(z_adv)
             logits_clean, logits_adv = gather_with_grad(logits_clean), gather_with_grad(logits_adv)
             if y is not None:

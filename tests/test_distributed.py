@@ -159,13 +159,18 @@ def test_data_parallel_is_refused_with_a_clear_message():
         GOTRegularizer(nn.DataParallel(model), model[3])
 
 
-def _pretend_another_rank_is_non_finite(monkeypatch):
-    """Two ranks, of which the other one holds a NaN: the collective decision (any_rank) says so."""
+def _pretend_another_rank(monkeypatch, code=2):
+    """Two ranks, of which the other one holds a NaN (code 2) or lost its features (code 1): the collective
+    decision (rank_max) says so."""
     import got_reg.regularizer as reg
 
     monkeypatch.setattr(reg, "world_size", lambda: 2)
     monkeypatch.setattr(reg, "gather_with_grad", lambda t: t)
-    monkeypatch.setattr(reg, "any_rank", lambda flag, device: True)
+    monkeypatch.setattr(reg, "rank_max", lambda value, device: max(value, code))
+
+
+def _pretend_another_rank_is_non_finite(monkeypatch):
+    _pretend_another_rank(monkeypatch, 2)
 
 
 def test_skip_follows_a_non_finite_value_on_another_rank(monkeypatch):
@@ -184,3 +189,43 @@ def test_raise_follows_a_non_finite_value_on_another_rank(monkeypatch):
     got = GOTRegularizer(model, "3", distributed_gather=True, **OPTS)
     with pytest.raises(FloatingPointError, match="another rank.*every rank raises"):
         got(model(x), model(xa), y)
+
+
+class _MaybeInPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.on = False
+
+    def forward(self, x):
+        return x.tanh_() if self.on else x.tanh()
+
+
+def test_features_overwritten_on_any_rank_make_every_rank_skip(monkeypatch):
+    """hooks.FeaturesOverwritten under distributed_gather: the rank that lost its features and the others all
+    skip the term (with a warning), so that none waits in all_gather."""
+    from got_reg import hooks
+
+    monkeypatch.setattr(hooks, "CLEAN_FORWARDS", 1)
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 12), nn.Identity(), _MaybeInPlace(), nn.Linear(12, 3)]
+    model = nn.Sequential(*layers).double()
+    x, xa, y = global_batch()
+    got = GOTRegularizer(model, "3", distributed_gather=True, **OPTS)
+    _pretend_another_rank(monkeypatch, 1)
+    with pytest.warns(RuntimeWarning, match="another rank's features were overwritten"):
+        assert float(got(model(x), model(xa), y)) == 0.0
+    _pretend_another_rank(monkeypatch, 0)  # this rank loses its own: the model now changes the layer in place
+    model[4].on = True
+    with pytest.warns(RuntimeWarning, match="GOT term skipped for this step: the output of layer '3' was changed"):
+        assert float(got(model(x), model(xa), y)) == 0.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # copied from now on: the term is back
+        assert float(got(model(x), model(xa), y)) != 0.0
+    # lost here while another rank holds a NaN (nan_policy="raise"): this rank raises with the others
+    fresh = GOTRegularizer(model, "3", distributed_gather=True, **OPTS)
+    model[4].on = False
+    fresh(model(x), model(xa), y)
+    model[4].on = True
+    _pretend_another_rank(monkeypatch, 2)
+    with pytest.raises(FloatingPointError, match="another rank's features or logits hold NaN"):
+        fresh(model(x), model(xa), y)
