@@ -17,10 +17,10 @@ Why each piece is as it is:
   later forwards in that mode keep a reference (no copy: on a GPU each is a launch, and the attack's
   forwards are many), and still compare. A forward that changes an uncopied output files
   :class:`FeaturesOverwritten` instead of its features (lookup raises it, naming the cause; the
-  regulariser skips that step's term with a warning), and from then on that mode copies. Inference tensors (no
-  version counter), forwards traced by ``torch.compile`` and a layer output that the model returns (or
-  a view of it, which would keep its own entry alive) are always copied. What is filed lives as long as
-  the output it is filed under.
+  regulariser skips that step's term with a warning), and from then on that mode copies. Inference
+  tensors (no version counter), forwards traced by ``torch.compile`` and a layer output that the model
+  returns (or a view of it, which would keep its own entry alive) are always copied. What is filed lives
+  as long as the output it is filed under.
 * The per-forward record is per thread: forwards of the model in two threads (an EMA copy evaluated
   in another thread shares the capture) interleave, and each output must get its own forward's copy.
 * The model's hooks hold the capture weakly. Hooks whose capture nobody holds any more are taken off
