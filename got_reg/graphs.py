@@ -281,8 +281,8 @@ class _Capture:
         with hold():
             self.replay, self.out, (self.layout, self.template, self.grads) = recorder.capture(body)
         self.n_diagnostics = len(diagnostics_tensors(self.template))
-        flags = self.layout.views[0]  # PackedDiagnostics.read_flags reads them as the buffer's first bytes
-        assert self.layout.slots[flags[0]].offset == 0 and flags[3] == 0 and self.template.flags().dtype == torch.bool
+        flags = self.layout.slots[self.layout.views[0][0]]  # PackedDiagnostics.read_flags: the first bytes
+        assert flags.offset == 0 and self.layout.views[0][3] == 0 and flags.dtype == torch.bool
         self.state: Any = None  # what GraphedCalls' ``state`` returned after this capture
 
 
