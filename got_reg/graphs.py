@@ -213,8 +213,9 @@ def diagnostics_from(template: GOTDiagnostics, tensors: list[torch.Tensor]) -> G
 # -- one captured call ------------------------------------------------------------------------------------
 Forward = Callable[..., "tuple[torch.Tensor, GOTDiagnostics]"]
 Hold = Callable[[], AbstractContextManager[Any]]
-#: index of the loss in :func:`diagnostics_tensors`' order (after the flags in the packed buffer: + 1)
-_LOSS = 1
+#: indices of the value and the loss in :func:`diagnostics_tensors`' order (after the flags in the packed
+#: buffer: + 1)
+_VALUE, _LOSS = 0, 1
 
 
 class CUDARecorder:
@@ -378,6 +379,11 @@ class PackedDiagnostics:
     def __init__(self, flat: torch.Tensor, layout: Layout, template: GOTDiagnostics, count: int) -> None:
         self._flat, self._layout, self._template, self._count = flat, layout, template, count
         self._built: GOTDiagnostics | None = None
+
+    @property
+    def value(self) -> torch.Tensor:
+        """:attr:`GOTDiagnostics.value` alone (one view of the copy), without building the rest."""
+        return unpack_one(self._flat, self._layout, 1 + _VALUE)
 
     def read_flags(self) -> tuple[bool, bool | None]:
         """What :meth:`GOTDiagnostics.read_flags` returns, from the packed copy (the flags are its first bytes)."""

@@ -370,7 +370,9 @@ class GOTRegularizer(nn.Module):
         position = self._calls % _WINDOW  # 0 at the window's last call
         if position % _SAMPLE == 0:
             ce = F.cross_entropy(logits_clean.detach().float(), y)
-            term = torch.stack([ce, self._built_diagnostics().value.float(), ce.new_ones(())])
+            assert self._diagnostics is not None
+            # .value of either form: a replayed call's diagnostics are not built for it (some sixty views)
+            term = torch.stack([ce, self._diagnostics.value.float(), ce.new_ones(())])
             self._monitor = term if self._monitor is None else self._monitor + term
         if position or self._monitor is None:
             return

@@ -106,6 +106,8 @@ def test_packed_diagnostics_read_their_flags_and_unpack_once(converged):
     count = len(diagnostics_tensors(diag))
     packed = PackedDiagnostics(flat.clone(), layout, diag, count)
     assert packed.read_flags() == diag.read_flags() == (True, converged)
+    _same_tensor(packed.value, diag.value)  # what the collapse monitor reads, without building the rest
+    assert packed._built is None
     back = packed.unpack()
     assert packed.unpack() is back
     for x, w in zip(diagnostics_tensors(diag), diagnostics_tensors(back)):

@@ -145,8 +145,8 @@ def test_overhead_tables(gpu_check):
     assert all(c[col] == "n/a" for c in body)
 
 
-def _quick_rows(script: str, out, stem: str) -> list:
-    """Run ``python -m benchmarks.<script> --quick --out OUT``; the rows of its OUT/<stem>.json."""
+def _run_quick(script: str, out) -> None:
+    """Run ``python -m benchmarks.<script> --quick --out OUT``, which must succeed."""
     proc = subprocess.run(
         [sys.executable, "-m", f"benchmarks.{script}", "--quick", "--out", str(out)],
         cwd=ROOT,
@@ -155,6 +155,11 @@ def _quick_rows(script: str, out, stem: str) -> list:
         timeout=900,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+
+
+def _quick_rows(script: str, out, stem: str) -> list:
+    """:func:`_run_quick`, then the rows of its OUT/<stem>.json."""
+    _run_quick(script, out)
     return json.loads((out / f"{stem}.json").read_text())["rows"]
 
 
@@ -181,14 +186,7 @@ def test_cpu_paths_quick(tmp_path):
 
 
 def test_host_profile_quick(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench_host", "--quick", "--out", str(tmp_path)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    _run_quick("bench_host", tmp_path)
     md = (tmp_path / "host_cpu_quick.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| call")]
     assert [r.split(" | ")[0] for r in rows] == ["| joint cost alone", "| +GOT-S", "| +GOT-LM", "| +GOT-LM dual"]
