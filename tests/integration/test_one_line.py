@@ -67,12 +67,17 @@ def train(steps=320, batch_seed=1, **got_kwargs):
 
 @pytest.mark.parametrize("kwargs", [{}, {"solver": "dual"}], ids=["sinkhorn", "dual"])
 def test_the_defaults_train_without_collapse(kwargs):
-    """Three batch orders, the median held to 0.85 (an MLP on digits; chance is 0.10): one run is not enough,
-    its accuracy moves by ±0.08 with the order (Sinkhorn, orders 1-4: 0.81, 0.92, 0.91, 0.91; with the
-    over-relaxed solver before: 0.93, 0.76, 0.86, 0.90)."""
-    runs = [train(batch_seed=seed, **kwargs) for seed in (1, 2, 3)]
+    """Seven batch orders, the median held to 0.85 (an MLP on digits; chance is 0.10, the collapsed paper's
+    form below 0.3). One run says little: 320 steps of adversarial training are chaotic, so the accuracy of
+    one order moves by ±0.1 with the CPU's vector width and the thread count alone. Measured on an AMD EPYC
+    (orders 1-7, torch 2.13.0): Sinkhorn 0.92 0.88 0.84 0.89 0.92 0.93 0.91 with AVX-512 and 2 threads,
+    0.83 0.83 0.85 0.92 0.92 0.90 0.90 with AVX2, 0.70 0.84 0.91 0.84 0.95 0.95 0.93 with 1 thread (medians
+    0.91, 0.90, 0.91); the dual 0.79 0.83 0.95 0.90 0.96 0.88 0.93, 0.90 0.95 0.84 0.87 0.90 0.93 0.87 and
+    0.92 0.94 0.94 0.94 0.91 0.90 0.86 (medians 0.90, 0.90, 0.92). Three orders, as before, gave medians
+    from 0.83 to 0.94 for the same code."""
+    runs = [train(batch_seed=seed, **kwargs) for seed in range(1, 8)]
     accs = sorted(acc for acc, _ in runs)
-    assert accs[1] > 0.85, accs
+    assert accs[3] > 0.85, accs
     assert not any(collapse for _, collapse in runs)
 
 
