@@ -25,6 +25,13 @@ EXTRAS=${EXTRAS:-dev}
          "$PY is $("$PY" -c 'import platform; print(platform.python_version())'). Set PYTHON=python3.11, say." >&2
     exit 1
 }
+# The dev install takes about 2.6 GB (torch 0.75, Triton 1.0, POT 0.18); pip's "No space left on device" comes
+# part-way through, so say beforehand what is missing.
+free_kb=$(df -Pk . 2>/dev/null | awk 'NR == 2 {print $4}')
+if [ -n "$free_kb" ] && [ "$free_kb" -lt 3000000 ] && ! [ -x .venv/bin/python ]; then
+    echo "setup_venv.sh: warning: $((free_kb / 1024)) MB free in $(pwd); the install needs about 2.6 GB" \
+         "(EXTRAS=examples skips Triton and the linters: about 1.5 GB)" >&2
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip() { .venv/bin/python -m pip "$@"; }
 pip install -q --upgrade pip
