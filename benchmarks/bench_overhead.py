@@ -17,6 +17,7 @@ on examples.models' SmallCNN, without GOT and with each variant's line ``loss +=
   +GOT-S graphs     ... cuda_graphs=True                                   (by default on CUDA only)
   +GOT-LM graphs    ... label_matching=True, cuda_graphs=True              (by default on CUDA only)
   +GOT-LM dual graphs ... label_matching=True, solver="dual", cuda_graphs=True (by default on CUDA only)
+  ... graphs deferred  each graphs variant with deferred_checks=True      (by default on CUDA only)
 
 The network is first trained briefly on clean data (--pretrain-steps Adam steps at B = 128), so that its
 features, and so the transport problems, look like those of a real run; the timed steps then use lr = 0 (all
@@ -87,10 +88,13 @@ VARIANTS: dict[str, dict[str, Any] | None] = {
     "+GOT-S graphs": dict(cuda_graphs=True),
     "+GOT-LM graphs": dict(label_matching=True, cuda_graphs=True),
     "+GOT-LM dual graphs": dict(label_matching=True, solver="dual", cuda_graphs=True),
+    "+GOT-S graphs deferred": dict(cuda_graphs=True, deferred_checks=True),
+    "+GOT-LM graphs deferred": dict(label_matching=True, cuda_graphs=True, deferred_checks=True),
+    "+GOT-LM dual graphs deferred": dict(label_matching=True, solver="dual", cuda_graphs=True, deferred_checks=True),
 }
 DEFAULT_VARIANTS = ["TRADES", "+GOT-S", "+GOT-LM", "+GOT-LM dual", "+GOT-S geomloss"]
 # On CPU they would run eagerly: by default on CUDA only.
-GRAPH_VARIANTS = ["+GOT-S graphs", "+GOT-LM graphs", "+GOT-LM dual graphs"]
+GRAPH_VARIANTS = [n for n in VARIANTS if "graphs" in n]
 NEEDS = {"+GOT-S geomloss": "geomloss", "+GOT-S pot": "ot"}
 
 

@@ -34,14 +34,16 @@
 #                      and GeomLoss calibration and repeats ≤ --budget 2 s per call); 92-100 s measured on an H100
 #                      with --time-limit 70.
 #   overhead     75 s  hard limit; --time-limit 45 inside (no new round or batch size after): 300 pretraining
-#                      steps, then 7 variants × (2 + 31) steps at B = 128 and 7 × (2 + 16-21) at B = 512 (62-66 s).
+#                      steps, then 7 variants × (2 + 31) steps at B = 128 and 7 × (2 + 16-21) at B = 512 (62-66 s
+#                      in run 7); now 10 variants (the graphed ones with deferred_checks too), so fewer rounds.
 #   launches     30 s  kernel and host-read counts on the CUDA path, and 50 timed calls per variant at B = 16, 128
 #                      (21-22 s before the graphed dual was added).
 #   acceleration 25 s  the three solves of a GOT call timed with Anderson memories 8, 4 and 0 on a trained
 #                      SmallCNN's costs, B = 128 (one fused launch), 2 batches (bench_acceleration; 35 s with
 #                      B = 512 too, whose plain torch loop takes 0.35 s a call: run it with ONLY=acceleration
 #                      and T_ACCEL=60 ACCEL_BATCH="128 512").
-#   epoch        95 s  one MNIST epoch (7000 points) of TRADES, GOT-LM and GOT-LM with cuda_graphs, alone and 4
+#   epoch        95 s  one MNIST epoch (7000 points) of TRADES, GOT-LM and GOT-LM with cuda_graphs and
+#                      deferred_checks, alone and 4
 #                      runs sharing the GPU (104 s measured at 10000 points, mostly the 13 processes' start).
 #   total       465 s of limits, + at most 15 s for the environment report: 8 minutes (ONLY= for a short lease).
 # ONLY="step ..." runs only the named steps (e.g. ONLY="cuda_tests overhead" for a short lease).

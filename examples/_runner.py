@@ -268,7 +268,9 @@ class Meter:
         diagnostics = getattr(self.regularizer, "diagnostics", None)
         if diagnostics is not None:
             names, values = diagnostics.numbers()  # one vector: a few kernels a step, not two per field
-            names, values = names[:-1], values[:-1]  # not `finite` (a call with NaN raised or was skipped)
+            # Not `finite` itself: a call with NaN raised or was skipped, or (deferred_checks) is found so at the
+            # next call, having returned zero; it adds nothing here either.
+            names, values = names[:-1], torch.where(values[-1] > 0, values[:-1], 0)
             key = tuple(f"got_{k}" for k in names)
             self.diag_sums[key] = values if key not in self.diag_sums else self.diag_sums[key] + values
 
@@ -463,6 +465,8 @@ class Run:
     def end_epoch(self, epoch: int) -> dict[str, Any]:
         """Metrics row (all ranks' averages; test accuracy on rank 0), metrics files and checkpoint."""
         d = self.d
+        if self.regularizer is not None:
+            self.regularizer.check()  # the epoch's last call, where its flags are read at the next (deferred_checks)
         row: dict[str, Any] = {"epoch": epoch, "lr": lr_of_epoch(self.args, epoch), **self.meter.averages(d)}
         # The training loop's own time (averages() has waited for the device): without the test below.
         row["train_time_s"] = round(time.time() - self._t0, 3)

@@ -236,6 +236,12 @@ def add_got_flags(p: argparse.ArgumentParser) -> None:
         default=default["cuda_graphs"],
         help="replay the GOT call from CUDA graphs (CUDA, B <= 256; see got_reg.graphs)",
     )
+    g.add_argument(
+        "--got-deferred-checks",
+        action=argparse.BooleanOptionalAction,
+        default=default["deferred_checks"],
+        help="with --got-cuda-graphs: read each call's NaN and convergence flags at the next call (no host sync)",
+    )
 
 
 def make_got(args: argparse.Namespace, model: nn.Module, world_size: int = 1):
@@ -259,5 +265,6 @@ def make_got(args: argparse.Namespace, model: nn.Module, world_size: int = 1):
         debias=args.got_debias,
         dual_input=args.got_dual_input,
         cuda_graphs=args.got_cuda_graphs,
+        deferred_checks=args.got_deferred_checks,
         **kwargs,
     )

@@ -16,7 +16,10 @@ holding everything that outlives it: the flags, the loss, every tensor of the
 :class:`~got_reg.GOTDiagnostics` and the input gradients (one buffer per dtype, :class:`FlatGroups`). The
 call reads only the flags from its copy; the diagnostics are rebuilt from it (views, but some sixty of
 them) when someone reads them (:class:`PackedDiagnostics`), and its backward is one multiplication per
-dtype. As each call owns its copy, the backward of a call may run after later calls.
+dtype. As each call owns its copy, the backward of a call may run after later calls. A call that is not
+finite returns a zero loss and zero gradients, decided inside the graph: so its flags may also be read
+later (``deferred_checks``, at the next call, from a host copy that waits for this call's work only), and
+the step it belonged to goes on without the GOT term.
 
 State that the graph updates in place (φ's weight and Adam's moments and step count) must keep its storage:
 warm-up and capture run inside the caller's ``hold`` (which restores φ's values), and the captures are
@@ -213,9 +216,10 @@ def diagnostics_from(template: GOTDiagnostics, tensors: list[torch.Tensor]) -> G
 # -- one captured call ------------------------------------------------------------------------------------
 Forward = Callable[..., "tuple[torch.Tensor, GOTDiagnostics]"]
 Hold = Callable[[], AbstractContextManager[Any]]
-#: indices of the value and the loss in :func:`diagnostics_tensors`' order (after the flags in the packed
-#: buffer: + 1)
-_VALUE, _LOSS = 0, 1
+#: the packed buffer holds the flags, the loss that the call returns, the diagnostics (from index _HEAD, in
+#: :func:`diagnostics_tensors`' order, the value first) and the gradients
+_FLAGS, _RETURNED, _HEAD = 0, 1, 2
+_VALUE = 0  # the value's index among the diagnostics
 
 
 class CUDARecorder:
@@ -275,15 +279,19 @@ class _Capture:
             loss, diag = fn(*self.inputs)
             per_input = grads_of(loss, self.inputs)
             groups = FlatGroups(per_input)
+            # A call that is not finite returns a zero loss and zero gradients: decided on the device, so that
+            # a call whose flags are read only at the next call (deferred_checks) skips its step by itself.
+            ok = diag.finite
+            loss_out, *grads = (torch.where(ok, t, 0) for t in (loss.detach(), *groups.concat(per_input)))
             # The flags first: the call reads them (one host read) without rebuilding the rest.
-            flat, layout = pack([diag.flags(), *diagnostics_tensors(diag), *groups.concat(per_input)])
+            flat, layout = pack([diag.flags(), loss_out, *diagnostics_tensors(diag), *grads])
             return flat, (layout, diag, groups)
 
         with hold():
             self.replay, self.out, (self.layout, self.template, self.grads) = recorder.capture(body)
         self.n_diagnostics = len(diagnostics_tensors(self.template))
-        flags = self.layout.slots[self.layout.views[0][0]]  # PackedDiagnostics.read_flags: the first bytes
-        assert flags.offset == 0 and self.layout.views[0][3] == 0 and flags.dtype == torch.bool
+        flags = self.layout.slots[self.layout.views[_FLAGS][0]]  # PackedDiagnostics.read_flags: the first bytes
+        assert flags.offset == 0 and self.layout.views[_FLAGS][3] == 0 and flags.dtype == torch.bool
         self.state: Any = None  # what GraphedCalls' ``state`` returned after this capture
 
 
@@ -301,11 +309,11 @@ class _Replay(torch.autograd.Function):
         cap.replay()
         flat = cap.out.clone()  # the next replay overwrites cap.out
         ctx.mark_non_differentiable(flat)
-        first = 1 + cap.n_diagnostics
+        first = _HEAD + cap.n_diagnostics
         ctx.grads = [unpack_one(flat, cap.layout, first + k) for k in range(len(cap.grads.groups))]
         ctx.groups = cap.grads
         # detach(): a view that autograd does not track as one, so that the caller may change the loss in place
-        return unpack_one(flat, cap.layout, 1 + _LOSS).detach(), flat
+        return unpack_one(flat, cap.layout, _RETURNED).detach(), flat
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -372,24 +380,48 @@ class PackedDiagnostics:
 
     :meth:`read_flags` reads the flags straight from it (one host read); :meth:`unpack` builds the
     :class:`~got_reg.GOTDiagnostics` (views of the copy, no kernel), once, when someone asks for it.
+    :meth:`copy_flags` starts the flags' copy to host memory without waiting, so that a later
+    :meth:`read_flags` waits for this call's work only, not for what was queued after it.
     """
 
-    __slots__ = ("_flat", "_layout", "_template", "_count", "_built")
+    __slots__ = ("_flat", "_layout", "_template", "_count", "_built", "_host", "_ready")
 
     def __init__(self, flat: torch.Tensor, layout: Layout, template: GOTDiagnostics, count: int) -> None:
         self._flat, self._layout, self._template, self._count = flat, layout, template, count
         self._built: GOTDiagnostics | None = None
+        self._host: torch.Tensor | None = None
+        self._ready: torch.cuda.Event | None = None
 
     @property
     def value(self) -> torch.Tensor:
         """:attr:`GOTDiagnostics.value` alone (one view of the copy), without building the rest."""
-        return unpack_one(self._flat, self._layout, 1 + _VALUE)
+        return unpack_one(self._flat, self._layout, _HEAD + _VALUE)
+
+    def _flag_bytes(self) -> torch.Tensor:
+        return self._flat[: self._layout.views[_FLAGS][1][0]]
+
+    def copy_flags(self) -> None:
+        """Start the flags' copy to (pinned) host memory and mark its end on the current stream; no wait."""
+        src = self._flag_bytes()
+        if src.is_cuda:
+            self._host = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+            self._host.copy_(src, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host = src.clone()
 
     def read_flags(self) -> tuple[bool, bool | None]:
-        """What :meth:`GOTDiagnostics.read_flags` returns, from the packed copy (the flags are its first bytes)."""
-        return interpret_flags(self._flat[: self._layout.views[0][1][0]].tolist())
+        """What :meth:`GOTDiagnostics.read_flags` returns, from the packed copy (the flags are its first bytes);
+        after :meth:`copy_flags`, from the host copy once this call's work is done."""
+        if self._host is None:
+            return interpret_flags(self._flag_bytes().tolist())
+        if self._ready is not None:
+            self._ready.synchronize()
+        return interpret_flags(self._host.tolist())
 
     def unpack(self) -> GOTDiagnostics:
         if self._built is None:
-            self._built = diagnostics_from(self._template, unpack(self._flat, self._layout)[1 : 1 + self._count])
+            tensors = unpack(self._flat, self._layout)[_HEAD : _HEAD + self._count]
+            self._built = diagnostics_from(self._template, tensors)
         return self._built

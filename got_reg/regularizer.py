@@ -110,11 +110,19 @@ class GOTRegularizer(nn.Module):
             enabled, and, where it solves Sinkhorn (``solver="sinkhorn"``, or the dual's ``debias`` terms),
             in at most float32 with B ≤ 256 (the fused Triton kernel); otherwise it runs eagerly (with a
             warning, once per reason, unless grad is simply off). φ's Adam settings are those of its capture.
+        deferred_checks: with ``cuda_graphs=True``, a replayed call does not wait for its NaN and
+            convergence flags: it starts their copy to the host and they are read at the next call (or by
+            :meth:`check`), when the GPU has long finished it, so the call leaves the host without any
+            synchronisation. A call that was not finite has already returned a zero loss and zero
+            gradients (decided on the GPU), so its step went on without the GOT term; the next call then
+            warns (``nan_policy="skip"``) or raises (``"raise"``), and a diverged φ is reset before it
+            is used again. Call :meth:`check` after the last step so that the last call is checked too.
 
     φ is trained (one Adam step per call, from the same pass that gives the loss) only in training
     mode: when both the regulariser and the model (as seen on the hooked layer) are in training mode
-    and grad is enabled. Each call reads the device once (NaN check and convergence); after each call
-    :attr:`diagnostics` holds a :class:`~got_reg.GOTDiagnostics` of device tensors.
+    and grad is enabled. Each call reads the device once (NaN check and convergence; with
+    ``deferred_checks``, the previous call's); after each call :attr:`diagnostics` holds a
+    :class:`~got_reg.GOTDiagnostics` of device tensors.
     """
 
     def __init__(
@@ -141,6 +149,7 @@ class GOTRegularizer(nn.Module):
         nan_policy: str = "raise",
         select: Any = None,
         cuda_graphs: bool = False,
+        deferred_checks: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
@@ -174,6 +183,15 @@ class GOTRegularizer(nn.Module):
                 "cuda_graphs=True needs backend='torch' (the fused kernel, no host sync); "
                 f"got backend={self.config.sinkhorn.name!r}"
             )
+        if not isinstance(deferred_checks, bool):
+            raise TypeError(f"deferred_checks must be a bool, got {type(deferred_checks).__name__}")
+        if deferred_checks and not cuda_graphs:
+            raise ValueError(
+                "deferred_checks=True needs cuda_graphs=True (only a replayed call zeroes its own loss and "
+                "gradients on the GPU when it is not finite); got cuda_graphs=False"
+            )
+        self.deferred_checks = deferred_checks
+        self._pending: PackedDiagnostics | None = None  # a replayed call whose flags are not read yet
         self._graphs: GraphedCalls | None = None
         if cuda_graphs and self.potential is not None:
             pot = self.potential
@@ -214,6 +232,7 @@ class GOTRegularizer(nn.Module):
         """β · W for the two batches; ``y`` (B,) are the clean batch's labels, needed for label matching."""
         if not self._capture.active:
             raise RuntimeError("this GOTRegularizer was removed from its model; build a new one")
+        self.check()  # the previous call's flags, if deferred: before φ or the graphs are used again
         gather = self.distributed_gather and world_size() > 1
         try:
             z = self._capture.lookup(logits_clean, "logits_clean")
@@ -270,21 +289,55 @@ class GOTRegularizer(nn.Module):
                 update_potential=train_phi,
                 loss_scale=scale,
             )
-        finite, converged = diag.read_flags()  # the call's one host read
-        if not finite:
-            if self.nan_policy == "skip":
-                if self.potential is not None:
-                    self.potential.reset_if_diverged()
-                return self._skip(logits_clean, [n for n, t in named.items() if not bool(torch.isfinite(t).all())])
-            raise_non_finite(named, self.potential)
+        if self.deferred_checks and isinstance(diag, PackedDiagnostics):
+            diag.copy_flags()  # read by the next call's check(), which then waits for this call's work only
+            self._pending = diag
+        else:
+            finite, converged = diag.read_flags()  # the call's one host read
+            if not finite:
+                if self.nan_policy == "skip":
+                    if self.potential is not None:
+                        self.potential.reset_if_diverged()
+                    bad = [n for n, t in named.items() if not bool(torch.isfinite(t).all())]
+                    return self._skip(logits_clean, bad)
+                raise_non_finite(named, self.potential)
+            if converged is False:
+                self._warn_unconverged(diag)
         self._diagnostics = diag
-        if converged is False:
-            c, missed = self.config, self._built_diagnostics().unconverged_result()
-            if missed is not None:
-                warn_unconverged(missed, c.sinkhorn, c.theta, c.tol, c.max_iter)
         if y is not None and self.training and torch.is_grad_enabled():
             self._watch_collapse(logits_clean, y)
         return loss
+
+    def check(self) -> None:
+        """Read the flags of the last replayed call if they are still unread (``deferred_checks=True``; one host
+        read), and warn or raise as its own call would have: a no-op otherwise. Each call runs it first."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        finite, converged = pending.read_flags()
+        if finite:
+            if converged is False:
+                self._warn_unconverged(pending)
+            return
+        if self._diagnostics is pending:
+            self._diagnostics = None  # as after a skipped call
+        reset = self.potential is not None and self.potential.reset_if_diverged()
+        what = (
+            "an earlier call had non-finite features, logits or OT value (deferred_checks=True: read at the next "
+            "call; that call returned a zero loss and zero gradients, so its step went on without the GOT term)"
+        )
+        if reset:
+            what += "; the dual potential φ diverged with it and was reset to 0"
+        if self.nan_policy == "skip":
+            warnings.warn(f"GOT term skipped: {what}", RuntimeWarning, stacklevel=3)
+            return
+        raise FloatingPointError(f"{what}; nan_policy='skip' skips such steps with a warning instead")
+
+    def _warn_unconverged(self, diag: GOTDiagnostics | PackedDiagnostics) -> None:
+        c = self.config
+        missed = (diag.unpack() if isinstance(diag, PackedDiagnostics) else diag).unconverged_result()
+        if missed is not None:
+            warn_unconverged(missed, c.sinkhorn, c.theta, c.tol, c.max_iter)
 
     @property
     def diagnostics(self) -> GOTDiagnostics | None:

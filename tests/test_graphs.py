@@ -98,14 +98,19 @@ def test_diagnostics_roundtrip_through_pack(debias, label_matching):
 @pytest.mark.parametrize("converged", [True, False])
 def test_packed_diagnostics_read_their_flags_and_unpack_once(converged):
     """What the regulariser gets from a replay: the flags read from the packed copy (as GOTDiagnostics.read_flags
-    reads them), the diagnostics built from it on demand, once."""
+    reads them; also through the deferred host copy, which a later change of the copy does not reach), the
+    diagnostics built from it on demand, once. The layout is the replay's: flags, returned loss, diagnostics."""
     z, za, lc, la, y = _problem()
     cfg = GOTConfig(beta=10.0, label_matching=True, max_iter=1000 if converged else 2)
-    _, diag = got_forward(cfg, z, za, lc, la, y)
-    flat, layout = pack([diag.flags(), *diagnostics_tensors(diag)])
+    loss, diag = got_forward(cfg, z, za, lc, la, y)
+    flat, layout = pack([diag.flags(), loss.detach(), *diagnostics_tensors(diag)])
     count = len(diagnostics_tensors(diag))
     packed = PackedDiagnostics(flat.clone(), layout, diag, count)
     assert packed.read_flags() == diag.read_flags() == (True, converged)
+    deferred = PackedDiagnostics(flat.clone(), layout, diag, count)
+    deferred.copy_flags()
+    deferred._flat.zero_()  # after the copy: what read_flags reads is the copy's
+    assert deferred.read_flags() == (True, converged)
     _same_tensor(packed.value, diag.value)  # what the collapse monitor reads, without building the rest
     assert packed._built is None
     back = packed.unpack()
@@ -115,7 +120,7 @@ def test_packed_diagnostics_read_their_flags_and_unpack_once(converged):
     assert torch.equal(unpack_one(flat, layout, 0), diag.flags())
     # a non-finite value: the flag from the copy says so
     nan = dataclasses.replace(diag, finite=torch.tensor(False))
-    flat, layout = pack([nan.flags(), *diagnostics_tensors(nan)])
+    flat, layout = pack([nan.flags(), loss.detach(), *diagnostics_tensors(nan)])
     assert PackedDiagnostics(flat, layout, nan, count).read_flags() == (False, converged)
     assert interpret_flags([True]) == (True, None)  # the dual without debias: no Sinkhorn solve
 
@@ -322,6 +327,103 @@ def test_emulated_dual_recaptures_when_phi_is_loaded_and_eval_mode_leaves_it(mon
     assert recorder.captures == 3 and len(graphed._graphs.captures) == 2
 
 
+def _deferred(monkeypatch, **options):
+    feed = _Feed()
+    got = GOTRegularizer(feed, "feat", beta=10.0, cuda_graphs=True, deferred_checks=True, **options)
+    _emulated(got, monkeypatch)
+    return feed, got
+
+
+def _with_nan(inputs, index=1):
+    """``inputs`` with one entry of feature or logit tensor ``index`` set to NaN."""
+    with torch.no_grad():
+        inputs[index][3, 0] = float("nan")
+    return inputs
+
+
+@pytest.mark.parametrize("options", [dict(), dict(solver="dual", label_matching=True)])
+def test_emulated_deferred_checks_read_each_calls_flags_at_the_next_call(options, monkeypatch):
+    """deferred_checks: a replayed call reads no flags of its own (losses and gradients still the eager call's);
+    the next call reads the previous call's, and check() the last one's, once."""
+    read = []
+    real = PackedDiagnostics.read_flags
+    monkeypatch.setattr(PackedDiagnostics, "read_flags", lambda self: read.append(self) or real(self))
+    feed, got = _deferred(monkeypatch, **options)
+    eager = GOTRegularizer(feed, "feat", beta=10.0, **options)
+    calls = []
+    for step in range(3):
+        inputs = _problem(seed=step)
+        _eager_then_graphed(eager, got, feed, inputs, _twin(inputs))
+        calls.append(got._pending)
+        assert read == calls[:-1]  # the previous calls', not this one's
+    assert got.diagnostics.as_dict() == pytest.approx(eager.diagnostics.as_dict(), rel=1e-5, abs=1e-7)
+    got.check()
+    got.check()
+    assert read == calls and got._pending is None
+    if got.potential is not None:
+        torch.testing.assert_close(got.potential.weight, eager.potential.weight, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("solver", ["sinkhorn", "dual"])
+@pytest.mark.parametrize("nan_policy", ["skip", "raise"])
+def test_emulated_deferred_non_finite_call_returns_zero_and_the_next_call_warns_or_raises(
+    solver, nan_policy, monkeypatch
+):
+    """A call with a NaN feature returns a zero loss and zero gradients without a word (decided inside the
+    replay); the next call, or check(), warns ("skip") or raises ("raise"), resets a diverged φ and clears
+    the diagnostics; a later call is the eager call again."""
+    feed, got = _deferred(monkeypatch, label_matching=True, solver=solver, nan_policy=nan_policy)
+    eager = GOTRegularizer(feed, "feat", beta=10.0, label_matching=True, solver=solver)
+    inputs = _with_nan(_problem(seed=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = _call(got, feed, *inputs)
+        loss.backward()
+    assert loss.item() == 0.0
+    assert inputs[1].grad is not None and not inputs[1].grad.any()  # zero, not NaN
+    if solver == "dual":
+        assert not torch.isfinite(got.potential.weight).all()  # the replay's φ step took the NaN
+    message = "an earlier call had non-finite features.*(reset to 0)?"
+    if nan_policy == "skip":
+        with pytest.warns(RuntimeWarning, match="GOT term skipped: " + message) as w:
+            got.check()
+    else:
+        with pytest.raises(FloatingPointError, match=message) as w:
+            _call(got, feed, *_problem(seed=2))
+    assert ("φ diverged" in str(w.list[0].message if nan_policy == "skip" else w.value)) == (solver == "dual")
+    assert got.diagnostics is None and got._pending is None
+    if solver == "dual":  # reset, so the next call steps from 0, as the unused eager potential does
+        assert got.potential.built and not got.potential.weight.any()
+    inputs = _problem(seed=3)
+    _eager_then_graphed(eager, got, feed, inputs, _twin(inputs))
+
+
+def test_emulated_deferred_unconverged_call_warns_at_the_next_call(monkeypatch):
+    from got_reg import GOTConvergenceWarning
+
+    feed, got = _deferred(monkeypatch, max_iter=2, tol=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _call(got, feed, *_problem(seed=0)).backward()
+    with pytest.warns(GOTConvergenceWarning, match="tol=1e-09 after 2 iterations"):
+        _call(got, feed, *_problem(seed=1)).backward()
+    with pytest.warns(GOTConvergenceWarning):
+        got.check()
+
+
+def test_deferred_checks_validation():
+    with pytest.raises(TypeError, match="deferred_checks must be a bool, got int"):
+        GOTRegularizer(_net(), "1", cuda_graphs=True, deferred_checks=1)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="deferred_checks=True needs cuda_graphs=True.*got cuda_graphs=False"):
+        GOTRegularizer(_net(), "1", deferred_checks=True)
+    net = _net()
+    got = GOTRegularizer(net, "1", cuda_graphs=True, deferred_checks=True)
+    x, y = torch.randn(16, 12), torch.arange(16) % 5
+    with pytest.warns(RuntimeWarning, match="not on a CUDA device"):  # an eager call reads its own flags
+        got(net(x), net(x + 0.1), y)
+    assert got._pending is None
+
+
 def test_phi_unchanged_restores_in_place_and_zeroes_what_was_built_inside():
     from got_reg.solvers import KantorovichPotential
 
@@ -438,3 +540,28 @@ def test_replay_has_one_host_read_and_too_large_batch_warns(solver):
     assert len(syncs) == 1  # read_flags: NaN check and convergence
     with pytest.warns(RuntimeWarning, match="batch size is above 256"):
         _call(got, feed, *_problem(B=300, D=64, K=10, seed=0, device="cuda")).backward()
+
+
+@needs_gpu
+@pytest.mark.parametrize("solver", ["sinkhorn", "dual"])
+def test_deferred_call_does_not_wait_for_the_gpu(solver):
+    """deferred_checks: with a long kernel queued before it, a replayed call and its backward return while the
+    GPU is still busy (the previous call's flags are read from their host copy, which that kernel does not
+    delay); a NaN call returns zero and the next call warns."""
+    feed = _Feed()
+    options = dict(label_matching=True, solver=solver, nan_policy="skip")
+    got = GOTRegularizer(feed, "feat", beta=10.0, cuda_graphs=True, deferred_checks=True, **options)
+    eager = GOTRegularizer(feed, "feat", beta=10.0, **options)
+    for step in range(3):  # the capture, then replays equal to the eager calls
+        inputs = _problem(B=128, D=64, K=10, seed=step, device="cuda")
+        _eager_then_graphed(eager, got, feed, inputs, _twin(inputs))
+    torch.cuda.synchronize()
+    torch.cuda._sleep(200_000_000)  # some 0.1 s of GPU time
+    _call(got, feed, *_problem(B=128, D=64, K=10, seed=5, device="cuda")).backward()
+    assert not torch.cuda.current_stream().query()  # the host did not wait for the queued kernel
+    inputs = _with_nan(_problem(B=128, D=64, K=10, seed=6, device="cuda"))
+    loss = _call(got, feed, *inputs)
+    loss.backward()
+    assert loss.item() == 0.0 and not inputs[1].grad.any()
+    with pytest.warns(RuntimeWarning, match="GOT term skipped: an earlier call"):
+        got.check()

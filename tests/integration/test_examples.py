@@ -280,6 +280,29 @@ def test_training_variants_smoke(tmp_path, script, extra):
     assert torch.equal(torch.get_rng_state(), rng_before)
 
 
+def test_meter_leaves_out_a_call_found_non_finite_later():
+    """The epoch's diagnostics sums: a call whose diagnostics say not finite (deferred_checks finds such a
+    call only at the next call, after the meter has read them) adds nothing, as a skipped call does."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from examples._runner import Dist, LastValue, Meter
+    from got_reg.functional import GOTConfig, got_forward
+
+    g = torch.Generator().manual_seed(0)
+    z, logits = torch.randn(8, 4, generator=g), torch.randn(8, 3, generator=g)
+    _, good = got_forward(GOTConfig(beta=1.0), z, z + 0.1, logits, logits + 0.1)
+    bad = dataclasses.replace(good, value=torch.tensor(float("nan")), finite=torch.tensor(False))
+    reg = SimpleNamespace(diagnostics=good)
+    meter = Meter(reg, LastValue(lambda: None))  # type: ignore[arg-type]
+    y = torch.arange(8) % 3
+    for d in (good, bad):
+        reg.diagnostics = d
+        meter.update(torch.tensor(1.0), logits, y)
+    row = meter.averages(Dist())
+    assert row["got_value"] == pytest.approx(good.value.item() / 2) and "got_finite" not in row
+
+
 def test_refuses_to_clobber_a_run(tmp_path, trained_runs):
     root, _ = trained_runs
     target = tmp_path / "copy"
