@@ -74,8 +74,6 @@ GRAPH_VARIANTS: dict[str, dict[str, Any]] = {
     "+GOT-S cuda_graphs": dict(cuda_graphs=True),
     "+GOT-LM cuda_graphs": dict(label_matching=True, cuda_graphs=True),
     "+GOT-LM dual cuda_graphs": dict(label_matching=True, solver="dual", cuda_graphs=True),
-    "+GOT-S cuda_graphs deferred": dict(cuda_graphs=True, deferred_checks=True),
-    "+GOT-LM cuda_graphs deferred": dict(label_matching=True, cuda_graphs=True, deferred_checks=True),
 }
 # ATen operators that launch no kernel: views, metadata, allocations.
 NO_KERNEL = {

@@ -25,10 +25,10 @@
 # CUDA initialisation and Triton compilation; each can be changed from the environment, e.g. T_SOLVERS=120):
 #   wheels       10 s  (two local wheels install in seconds; 1-2 s measured)
 #   self-check   75 s  (compiles and checks each Triton kernel at sizes up to 8192², then times them; 67 s in run 6)
-#   cuda tests   80 s  (pytest: tests/test_graphs.py, the CUDA cases of tests/solvers/test_sinkhorn.py and
+#   cuda tests   85 s  (pytest: tests/test_graphs.py, the CUDA cases of tests/solvers/test_sinkhorn.py and
 #                      tests/costs/test_triton_cosine_kl.py compiled on the GPU: 73 tests, 56 s in run 7; since
-#                      then 4 more, with the graphed dual)
-#   solver grid  75 s  hard limit; --time-limit 55 inside: after it only the default's and the reference rows
+#                      then 6 more, with the graphed dual and deferred_checks)
+#   solver grid  70 s  hard limit; --time-limit 50 inside: after it only the default's and the reference rows
 #                      run, and the tables are rewritten after every problem, so a problem cut off by the hard
 #                      limit loses only itself. B = 8192 dominates (float64 Newton reference a few seconds; POT
 #                      and GeomLoss calibration and repeats ≤ --budget 2 s per call); 92-100 s measured on an H100
@@ -96,10 +96,10 @@ if [ ${#QUICK[@]} -gt 0 ]; then
     SOLVER_LIMIT=() OVERHEAD_LIMIT=()
 else
     # Each limit can be lowered from the environment to fit a shorter lease (e.g. T_SOLVERS=120 SOFT_SOLVERS=90).
-    T_ENV=${T_ENV:-15} T_WHEELS=${T_WHEELS:-10} T_SELFCHECK=${T_SELFCHECK:-75} T_TESTS=${T_TESTS:-80}
-    T_SOLVERS=${T_SOLVERS:-75} T_OVERHEAD=${T_OVERHEAD:-75} T_LAUNCHES=${T_LAUNCHES:-30} T_ACCEL=${T_ACCEL:-25}
+    T_ENV=${T_ENV:-15} T_WHEELS=${T_WHEELS:-10} T_SELFCHECK=${T_SELFCHECK:-75} T_TESTS=${T_TESTS:-85}
+    T_SOLVERS=${T_SOLVERS:-70} T_OVERHEAD=${T_OVERHEAD:-75} T_LAUNCHES=${T_LAUNCHES:-30} T_ACCEL=${T_ACCEL:-25}
     T_EPOCH=${T_EPOCH:-95}
-    SOLVER_LIMIT=(--time-limit "${SOFT_SOLVERS:-55}") OVERHEAD_LIMIT=(--time-limit "${SOFT_OVERHEAD:-45}")
+    SOLVER_LIMIT=(--time-limit "${SOFT_SOLVERS:-50}") OVERHEAD_LIMIT=(--time-limit "${SOFT_OVERHEAD:-45}")
 fi
 [ "$DEVICE" = cpu ] && KIND=cpu || KIND=gpu
 SUFFIX=${QUICK:+_quick}

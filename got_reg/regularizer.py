@@ -116,7 +116,8 @@ class GOTRegularizer(nn.Module):
             synchronisation. A call that was not finite has already returned a zero loss and zero
             gradients (decided on the GPU), so its step went on without the GOT term; the next call then
             warns (``nan_policy="skip"``) or raises (``"raise"``), and a diverged φ is reset before it
-            is used again. Call :meth:`check` after the last step so that the last call is checked too.
+            is used again. Until that read, :attr:`diagnostics` may be such a call's (NaN) values. Call
+            :meth:`check` after the last step and before saving φ, so that the last call is checked too.
 
     φ is trained (one Adam step per call, from the same pass that gives the loss) only in training
     mode: when both the regulariser and the model (as seen on the hooked layer) are in training mode

@@ -767,8 +767,9 @@ def sinkhorn_fused(
     solve: the plan (n, m), the dual value and max(‖P·1 − a‖₁, ‖Pᵀ·1 − b‖₁) measured on the plan as
     written (each with the leading k if C has it), instead of a dozen small kernels afterwards.
 
-    Where this comes from: eager torch spends ~12 ms per B = 128 solve in launches and synchronisations,
-    for a few microseconds of arithmetic. The kernel holds tiles up to 128 × 128 in registers for the
+    Why one launch: at B = 128 a solve is a few microseconds of arithmetic, and eager torch spends its time
+    on the launches and host synchronisations of its sweeps (issue 12; the timings are in
+    ``benchmarks/results/``). The kernel holds tiles up to 128 × 128 in registers for the
     whole solve, and streams larger ones from L1/L2 (256 × 256 fp32 does not fit an SM's registers or
     shared memory).
     """
