@@ -555,9 +555,10 @@ def test_deferred_call_does_not_wait_for_the_gpu(solver):
     for step in range(3):  # the capture, then replays equal to the eager calls
         inputs = _problem(B=128, D=64, K=10, seed=step, device="cuda")
         _eager_then_graphed(eager, got, feed, inputs, _twin(inputs))
+    inputs = _problem(B=128, D=64, K=10, seed=5, device="cuda")  # before the kernel: a copy from the host waits
     torch.cuda.synchronize()
     torch.cuda._sleep(200_000_000)  # some 0.1 s of GPU time
-    _call(got, feed, *_problem(B=128, D=64, K=10, seed=5, device="cuda")).backward()
+    _call(got, feed, *inputs).backward()
     assert not torch.cuda.current_stream().query()  # the host did not wait for the queued kernel
     inputs = _with_nan(_problem(B=128, D=64, K=10, seed=6, device="cuda"))
     loss = _call(got, feed, *inputs)
