@@ -30,7 +30,7 @@ EXTRAS=${EXTRAS:-dev}
 free_kb=$(df -Pk . 2>/dev/null | awk 'NR == 2 {print $4}')
 if [ -n "$free_kb" ] && [ "$free_kb" -lt 3000000 ] && ! [ -x .venv/bin/python ]; then
     echo "setup_venv.sh: warning: $((free_kb / 1024)) MB free in $(pwd); the install needs about 2.6 GB" \
-         "(EXTRAS=examples skips Triton and the linters: about 1.5 GB)" >&2
+         "(EXTRAS=examples, enough for the main job but not the tests, skips Triton: about 1.5 GB)" >&2
 fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip() { .venv/bin/python -m pip "$@"; }
