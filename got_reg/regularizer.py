@@ -117,7 +117,8 @@ class GOTRegularizer(nn.Module):
             gradients (decided on the GPU), so its step went on without the GOT term; the next call then
             warns (``nan_policy="skip"``) or raises (``"raise"``), and a diverged φ is reset before it
             is used again. Until that read, :attr:`diagnostics` may be such a call's (NaN) values. Call
-            :meth:`check` after the last step and before saving φ, so that the last call is checked too.
+            :meth:`check` after the last step and before saving φ, so that the last call is checked too
+            (leaving a ``with`` block of the regulariser does).
 
     φ is trained (one Adam step per call, from the same pass that gives the loss) only in training
     mode: when both the regulariser and the model (as seen on the hooked layer) are in training mode
@@ -214,8 +215,13 @@ class GOTRegularizer(nn.Module):
     def __enter__(self) -> GOTRegularizer:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.remove()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        """Take the hooks off; leaving without an exception also runs :meth:`check` (the last deferred call)."""
+        try:
+            if exc_type is None:
+                self.check()
+        finally:
+            self.remove()
 
     @property
     def num_captured(self) -> int:

@@ -398,6 +398,20 @@ def test_emulated_deferred_non_finite_call_returns_zero_and_the_next_call_warns_
     _eager_then_graphed(eager, got, feed, inputs, _twin(inputs))
 
 
+def test_leaving_the_with_block_checks_the_last_deferred_call(monkeypatch):
+    feed, got = _deferred(monkeypatch, nan_policy="raise")
+    with pytest.raises(FloatingPointError, match="an earlier call had non-finite"):
+        with got:
+            _call(got, feed, *_with_nan(_problem(seed=1))).backward()
+    assert not got._capture.active  # the hooks came off all the same
+    feed, got = _deferred(monkeypatch, nan_policy="raise")
+    with pytest.raises(KeyError):  # an exception of the block's own is not replaced by the check's
+        with got:
+            _call(got, feed, *_with_nan(_problem(seed=1))).backward()
+            raise KeyError("the loop's own")
+    assert not got._capture.active and got._pending is not None
+
+
 def test_emulated_deferred_unconverged_call_warns_at_the_next_call(monkeypatch):
     from got_reg import GOTConvergenceWarning
 
