@@ -42,6 +42,7 @@ from got_reg.solvers import sinkhorn_log
 from got_reg.solvers.lse import triton_module
 
 TOL, THETA, MAX_ITER = 1e-3, 0.1, 1000  # the library's defaults
+ABOVE = "fused launch (above FUSED_MAX)"
 
 
 def timed_solve(C: torch.Tensor, mask, anderson: int, device: torch.device):
@@ -55,23 +56,41 @@ def timed_solve(C: torch.Tensor, mask, anderson: int, device: torch.device):
     return out["res"], ms
 
 
-def call_solver(costs: torch.Tensor, mask, anderson: int):
-    """A function running the three solves of one GOT call, returning their largest sweep count (a tensor)."""
+def fused_above_limit(C: torch.Tensor) -> Any:
+    """The Triton module if the kernel takes C (B, B') but the solvers do not send it there
+    (FUSED_MAX < max(B, B') ≤ FUSED_LIMIT, float32, on CUDA), else None: where both are timed."""
+    tri = triton_module()
+    if tri is None or not tri._device_ok(C) or C.dtype != torch.float32:
+        return None
+    return tri if tri.FUSED_MAX < max(C.shape[-2:]) <= tri.FUSED_LIMIT else None
+
+
+def call_solvers(costs: torch.Tensor, mask, anderson: int) -> list[tuple[Any, str]]:
+    """Functions running the three solves of one GOT call, each returning (largest sweep count, the three
+    values) as tensors, and how they run: first as the solver chooses (one fused launch on CUDA at
+    B ≤ FUSED_MAX, else three sinkhorn_log loops); then, where the kernel takes the size but the solvers do
+    not send it (FUSED_MAX < B ≤ FUSED_LIMIT), as one fused launch too: the measurement that decides where
+    FUSED_MAX should be."""
     tri = triton_module() if costs.is_cuda else None
     C = costs if mask is None else costs.masked_fill(~mask, float("inf"))
-    if tri is not None and tri.fused_supported(C):
+    dispatched = tri is not None and tri.fused_supported(C)
+    kernels = tri if dispatched else fused_above_limit(C[0])
 
-        def fused() -> torch.Tensor:
-            out = tri.sinkhorn_fused(C, THETA, max_iter=MAX_ITER, tol=TOL, anderson=anderson, with_plan=True)
-            return out[2].max()
+    def fused() -> tuple[torch.Tensor, torch.Tensor]:
+        out = kernels.sinkhorn_fused(C, THETA, max_iter=MAX_ITER, tol=TOL, anderson=anderson, with_plan=True)
+        return out[2].max(), out[5]
 
-        return fused, "fused launch"
+    if dispatched:
+        return [(fused, "fused launch")]
 
-    def loop() -> torch.Tensor:
-        its = [sinkhorn_log(c, THETA, mask, tol=TOL, max_iter=MAX_ITER, anderson=anderson).iterations for c in costs]
-        return torch.stack(its).max()
+    def loop() -> tuple[torch.Tensor, torch.Tensor]:
+        res = [sinkhorn_log(c, THETA, mask, tol=TOL, max_iter=MAX_ITER, anderson=anderson) for c in costs]
+        return torch.stack([r.iterations for r in res]).max(), torch.stack([r.value for r in res])
 
-    return loop, "3 × sinkhorn_log"
+    variants = [(loop, "3 × sinkhorn_log")]
+    if kernels is not None:
+        variants.append((fused, ABOVE))
+    return variants
 
 
 def main(argv=None) -> int:
@@ -120,15 +139,35 @@ def main(argv=None) -> int:
                     plan_diff_l1=float((ra.plan - rp.plan).abs().sum()),
                 )
             )
+            Cm = C if mask is None else C.masked_fill(~mask, float("inf"))
+            tri = fused_above_limit(Cm)
+            if tri is not None:  # a call with debias=False solves this one problem: the fused launch alone
+                out: dict[str, Any] = {}
+
+                def one(Cm=Cm, tri=tri, out=out) -> None:
+                    out["r"] = tri.sinkhorn_fused(Cm, THETA, max_iter=MAX_ITER, tol=TOL, with_plan=True)
+
+                one()  # compiles this padded shape
+                rows[-1].update(
+                    ms_fused=time_once(one, device),
+                    it_fused=int(out["r"][2]),
+                    err_fused=float(out["r"][6]),
+                    fused_value_diff=abs(float(out["r"][5] - ra.value)),
+                )
             print(rows[-1], flush=True)
         stack = torch.stack(list(costs.values()))
         for masked, mask in ((False, None), (True, label_mask(y))):
             for m in a.anderson:
-                fn, how = call_solver(stack, mask, m)
-                sweeps = fn()
-                ms = median(time_calls(fn, device, a.repeats, warmup=1, budget_s=1.0))
-                calls.append(dict(B=B, batch=k, mask=masked, anderson=m, how=how, sweeps=int(sweeps), ms=ms))
-                print(calls[-1], flush=True)
+                first = None
+                for fn, how in call_solvers(stack, mask, m):
+                    sweeps, values = fn()
+                    first = values if first is None else first
+                    ms = median(time_calls(fn, device, a.repeats, warmup=1, budget_s=1.0))
+                    diff = float((values - first).abs().max())  # against the solver's own choice
+                    calls.append(
+                        dict(B=B, batch=k, mask=masked, anderson=m, how=how, sweeps=int(sweeps), ms=ms, value_diff=diff)
+                    )
+                    print(calls[-1], flush=True)
     env["load_end"] = load()
     md = render(a, env, data, rows, calls)
     path = write_outputs(a.out, name, md, dict(env=env, args=vars(a), data=data, rows=rows, calls=calls))
@@ -228,18 +267,78 @@ def render(a, env, data: str, rows: list[dict[str, Any]], calls: list[dict[str, 
                 sel = [c for c in calls if c["B"] == B and c["mask"] == masked and c["anderson"] == m]
                 if not sel:
                     continue
-                sw, ms = [c["sweeps"] for c in sel], [c["ms"] for c in sel]
-                body.append(
-                    [
-                        B,
-                        method,
-                        m,
-                        sel[0]["how"],
-                        f"{statistics.median(sw):.0f} [{max(sw)}]",
-                        f"{statistics.median(ms):.3f} [{max(ms):.3f}]",
-                    ]
-                )
-    L += md_table(["B", "method", "anderson", "runs as", "sweeps", "ms"], body)
+                for how in dict.fromkeys(c["how"] for c in sel):
+                    per = [c for c in sel if c["how"] == how]
+                    sw, ms = [c["sweeps"] for c in per], [c["ms"] for c in per]
+                    body.append(
+                        [
+                            B,
+                            method,
+                            m,
+                            how,
+                            f"{statistics.median(sw):.0f} [{max(sw)}]",
+                            f"{statistics.median(ms):.3f} [{max(ms):.3f}]",
+                            "" if how == sel[0]["how"] else f"{max(c['value_diff'] for c in per):.1e}",
+                        ]
+                    )
+    L += md_table(["B", "method", "anderson", "runs as", "sweeps", "ms", "max value diff"], body)
+    L += render_above(rows, calls)
+    return L
+
+
+def render_above(rows: list[dict[str, Any]], calls: list[dict[str, Any]]) -> list[str]:
+    """Where the fused kernel takes a size that the solvers do not send it: both ways, side by side."""
+    single = [r for r in rows if "ms_fused" in r]
+    paired = [c for c in calls if c["how"] == ABOVE and c["anderson"] == 8]
+    if not single and not paired:
+        return []
+    L = [
+        "\n## Above FUSED_MAX: the fused launch against the torch loop the solvers run there (anderson = 8)\n",
+        "Each cell: median [max] over the batches, ms; ratio = fused / torch loop (below 1: the fused launch is "
+        "faster, and FUSED_MAX in got_reg/solvers/_triton.py could be raised to this B); value diff: the largest "
+        "|fused − loop| of the values.\n",
+    ]
+    body = []
+    for B in dict.fromkeys(c["B"] for c in paired):
+        for masked, method in ((False, "GOT-S"), (True, "GOT-LM")):
+            keys = {(c["batch"]) for c in paired if c["B"] == B and c["mask"] == masked}
+            loop = [c for c in calls if c["B"] == B and c["mask"] == masked and c["anderson"] == 8]
+            pairs = []
+            for k in sorted(keys):
+                t = {c["how"]: c for c in loop if c["batch"] == k}
+                pairs.append((t["3 × sinkhorn_log"]["ms"], t[ABOVE]["ms"], t[ABOVE]["value_diff"]))
+            if not pairs:
+                continue
+            lo, fu, vd = zip(*pairs)
+            ratio = [f / t for t, f in zip(lo, fu)]
+            body.append(
+                [
+                    B,
+                    f"{method} call (3 solves)",
+                    f"{statistics.median(lo):.2f} [{max(lo):.2f}]",
+                    f"{statistics.median(fu):.2f} [{max(fu):.2f}]",
+                    f"{statistics.median(ratio):.2f}",
+                    f"{max(vd):.1e}",
+                ]
+            )
+    for B in dict.fromkeys(r["B"] for r in single):
+        for masked in (False, True):
+            sel = [r for r in single if r["B"] == B and r["mask"] == masked and r["problem"] == "cross"]
+            if not sel:
+                continue
+            lo, fu = [r["ms_aa"] for r in sel], [r["ms_fused"] for r in sel]
+            ratio = [f / t for t, f in zip(lo, fu)]
+            body.append(
+                [
+                    B,
+                    f"cross problem alone, {'masked' if masked else 'no mask'} (debias=False)",
+                    f"{statistics.median(lo):.2f} [{max(lo):.2f}]",
+                    f"{statistics.median(fu):.2f} [{max(fu):.2f}]",
+                    f"{statistics.median(ratio):.2f}",
+                    f"{max(r['fused_value_diff'] for r in sel):.1e}",
+                ]
+            )
+    L += md_table(["B", "what", "torch loop ms", "fused ms", "ratio", "max value diff"], body)
     return L
 
 

@@ -223,9 +223,11 @@ AOT_FUSED = [
     (96, 200, None),
     (256, 256, None),
     (256, 256, 16),
+    (512, 512, None),
+    (1024, 1024, None),  # FUSED_LIMIT: the largest the kernel takes
 ]
 AOT_ROW_LSE = [(1024, 1024), (8192, 8192), (1000, 1000), (37, 129)]
-AOT_QUICK_FUSED = [(16, 16, None), (128, 128, None), (256, 256, None)]
+AOT_QUICK_FUSED = [(16, 16, None), (128, 128, None), (256, 256, None), (1024, 1024, None)]
 AOT_QUICK_ROW_LSE = [(8192, 8192), (37, 129)]
 AOT_ANDERSON = [(512, 8), (8192, 8), (8192, 16)]
 

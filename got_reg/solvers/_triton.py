@@ -18,10 +18,13 @@ never positive, so the sums cannot overflow. The torch expression materialises w
 exponential for every half-sweep, which is what made a B = 8192 solve memory-bound.
 
 :func:`sinkhorn_fused` — a whole solve (ε-scaling, then Anderson-accelerated Sinkhorn with its stopping test)
-for n, m ≤ 256 in one launch of one program. At that size a solve is a few microseconds of arithmetic
-but hundreds of kernel launches and a host synchronisation per stopping test in eager torch; here the
-loop, its control flow and the stopping test run on the device, and the results (potentials, iteration
-count, marginal error) stay there until the caller reads them.
+for n, m ≤ 1024 (:data:`FUSED_LIMIT`) in one launch of one program per problem. At B = 128 a solve is a few
+microseconds of arithmetic but hundreds of kernel launches and a host synchronisation per stopping test in
+eager torch; here the loop, its control flow and the stopping test run on the device, and the results
+(potentials, iteration count, marginal error) stay there until the caller reads them. The solvers send it
+problems up to :data:`FUSED_MAX` = 256 (:func:`fused_takes`): one program streams C from L2 on every pass,
+so its time grows with n·m while the torch loop's stays launch-bound, and where the two cross above 256 is
+for ``benchmarks/bench_acceleration.py`` to measure on a GPU (it times both up to the limit).
 
 :class:`Anderson` — the Anderson step of the torch loop (B > 256, where the sweeps are two :func:`row_lse`
 launches) in one launch instead of about 20 eager operators, for iterates of any length.
@@ -64,8 +67,12 @@ if _HAVE_TRITON:
 
         INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# The largest problem :func:`sinkhorn_fused` takes (one program holds a 256 × 256 tile's passes).
+# The largest problem the solvers send to :func:`sinkhorn_fused` (:func:`fused_takes`), and the largest it
+# takes at all: its vectors (u, v, Anderson's 8 × n history) live in registers, and at 1024 the sm_90 build
+# uses 179 of them at 8 warps without spills (``triton_selfcheck.py --aot``). Above FUSED_MAX the torch loop
+# runs until a GPU measurement says the fused launch is faster there.
 FUSED_MAX = 256
+FUSED_LIMIT = 1024
 # Tiles of at most this many entries stay in registers for the whole solve; larger ones are re-read
 # from global memory (L1/L2) each pass: 256 × 256 fp32 is 256 KB, the size of an SM's register file.
 _RESIDENT_MAX = 128 * 128
@@ -737,7 +744,7 @@ def sinkhorn_fused(
     num_warps: int | None = None,
     with_plan: bool = False,
 ) -> tuple[torch.Tensor, ...]:
-    r"""The whole entropic Sinkhorn solve between uniform weights, in one kernel launch, for n, m ≤ 256.
+    r"""The whole entropic Sinkhorn solve between uniform weights, in one kernel launch, for n, m ≤ 1024.
 
     C is (n, m), or (k, n, m) for k independent problems solved by k programs of the same launch (the three
     problems of the Sinkhorn divergence); the outputs then carry the leading k.
@@ -771,7 +778,8 @@ def sinkhorn_fused(
     on the launches and host synchronisations of its sweeps (issue 12; the timings are in
     ``benchmarks/results/``). The kernel holds tiles up to 128 × 128 in registers for the
     whole solve, and streams larger ones from L1/L2 (256 × 256 fp32 does not fit an SM's registers or
-    shared memory).
+    shared memory). The solvers use it up to :data:`FUSED_MAX` (:func:`fused_takes`); it takes up to
+    :data:`FUSED_LIMIT`, so that benchmarks can time it against the torch loop there.
     """
     if not _HAVE_TRITON:
         raise RuntimeError("sinkhorn_fused needs triton (pip install triton)")
@@ -784,7 +792,8 @@ def sinkhorn_fused(
     k, n, m = C3.shape
     _require(k >= 1, "C must hold at least one problem (k >= 1)")
     _require(
-        1 <= n <= FUSED_MAX and 1 <= m <= FUSED_MAX, f"sinkhorn_fused takes n, m in [1, {FUSED_MAX}], got {n}, {m}"
+        1 <= n <= FUSED_LIMIT and 1 <= m <= FUSED_LIMIT,
+        f"sinkhorn_fused takes n, m in [1, {FUSED_LIMIT}], got {n}, {m}",
     )
     _require(_device_ok(C), f"sinkhorn_fused runs on CUDA tensors (CPU only with TRITON_INTERPRET=1), got {C.device}")
     _require(theta > 0 and math.isfinite(theta), f"theta must be positive and finite, got {theta}")

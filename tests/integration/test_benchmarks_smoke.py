@@ -173,6 +173,33 @@ def test_acceleration_quick(tmp_path):
     assert (tmp_path / "acceleration_cpu_quick.md").read_text().startswith("# ")
 
 
+def test_acceleration_times_the_fused_launch_above_its_dispatch_limit(tmp_path, monkeypatch):
+    """Where the kernel takes a size that the solvers do not send it (FUSED_MAX lowered to 16 here, the
+    kernel run by Triton's interpreter on CPU), bench_acceleration times each GOT call both ways, and the
+    fused launch gives the torch loop's values; its side-by-side table pairs the two by batch and memory."""
+    from interpreted import kernel_modules
+
+    (T,) = kernel_modules("got_reg.solvers._triton")
+    import benchmarks.bench_acceleration as bench
+
+    monkeypatch.setattr(T, "FUSED_MAX", 16)
+    assert bench.main(["--quick", "--anderson", "8", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "acceleration_cpu_quick.json").read_text())
+    calls = data["calls"]
+    ways = ("3 × sinkhorn_log", bench.ABOVE)
+    assert {(c["mask"], c["how"]) for c in calls} == {(m, h) for m in (False, True) for h in ways}
+    assert all(c["value_diff"] < 1e-4 for c in calls)
+    assert all(c["value_diff"] == 0.0 for c in calls if c["how"] != bench.ABOVE)  # the reference itself
+    singles = [r for r in data["rows"] if "ms_fused" in r]
+    assert len(singles) == 6 and all(r["err_fused"] <= 1e-3 and r["fused_value_diff"] < 1e-4 for r in singles)
+    header, rows = _table((tmp_path / "acceleration_cpu_quick.md").read_text(), "B | what")
+    assert header == ["B", "what", "torch loop ms", "fused ms", "ratio", "max value diff"]
+    assert len(rows) == 4  # GOT-S and GOT-LM calls, the cross problem alone with and without the mask
+    for row in rows:
+        loop, fused, ratio = (float(c.split()[0]) for c in row[2:5])
+        assert abs(ratio - fused / loop) <= 0.01 * ratio + 0.01  # one batch: the ratio of the medians
+
+
 def test_cpu_paths_quick(tmp_path):
     rows = _quick_rows("bench_cpu_paths", tmp_path, "cpu_paths_quick")
     assert {(r["mask"], r["variant"]) for r in rows} == {

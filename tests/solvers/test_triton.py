@@ -168,6 +168,17 @@ def test_fused_streamed_path(monkeypatch, n, m, masked):
     check_against_references(C, 0.1, anderson=0, same_path=True)
 
 
+@pytest.mark.parametrize("n, m, masked", [(300, 40, True), (20, 600, False)])
+def test_fused_takes_sizes_above_the_dispatch_limit(n, m, masked):
+    """Between FUSED_MAX (what the solvers send) and FUSED_LIMIT (what the kernel takes): padded to 512 × 64
+    and 32 × 1024, streamed in 8 chunks of 64 × 64 and 4 × 1024, the same answer as the references.
+    bench_acceleration times the kernel against the torch loop at such sizes."""
+    assert T.FUSED_MAX < max(n, m) <= T.FUSED_LIMIT
+    cfg = T.fused_config(n, m)
+    assert not cfg["RESIDENT"] and cfg["BN"] // cfg["H"] == 8
+    check_against_references(got_cost(n, m, seed=n + m, masked=masked), 0.1)
+
+
 def test_fused_accelerated_problem():
     """Class blocks coupled only through costs ≫ θ (GOT without label matching): plain Sinkhorn crawls,
     the accelerated kernel gets the same answer in a third of the sweeps."""
@@ -289,7 +300,7 @@ def test_fused_rejects_bad_input():
     with pytest.raises(ValueError, match="anderson must be an int in"):
         T.sinkhorn_fused(C, 0.1, max_iter=10, tol=1e-3, anderson=17)
     with pytest.raises(ValueError):
-        T.sinkhorn_fused(torch.rand(4, 257, device=DEVICE), 0.1, max_iter=10, tol=1e-3)
+        T.sinkhorn_fused(torch.rand(4, T.FUSED_LIMIT + 1, device=DEVICE), 0.1, max_iter=10, tol=1e-3)
     with pytest.raises(ValueError):
         T.sinkhorn_fused(C.double(), 0.1, max_iter=10, tol=1e-3)
     with pytest.raises(ValueError, match=r"\(n, m\) or \(k, n, m\)"):
