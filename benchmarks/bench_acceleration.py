@@ -301,7 +301,7 @@ def render_above(rows: list[dict[str, Any]], calls: list[dict[str, Any]]) -> lis
     body = []
     for B in dict.fromkeys(c["B"] for c in paired):
         for masked, method in ((False, "GOT-S"), (True, "GOT-LM")):
-            keys = {(c["batch"]) for c in paired if c["B"] == B and c["mask"] == masked}
+            keys = {c["batch"] for c in paired if c["B"] == B and c["mask"] == masked}
             loop = [c for c in calls if c["B"] == B and c["mask"] == masked and c["anderson"] == 8]
             pairs = []
             for k in sorted(keys):

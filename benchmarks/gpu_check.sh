@@ -39,7 +39,7 @@
 #                      in run 7); now 10 variants (the graphed ones with deferred_checks too), so fewer rounds.
 #   launches     30 s  kernel and host-read counts on the CUDA path, and 50 timed calls per variant at B = 16, 128
 #                      (21-22 s before the graphed dual was added).
-#   acceleration 50 s  the three solves of a GOT call timed with Anderson memories 8 and 0 on a trained
+#   acceleration 50 s  the three solves of a GOT call timed (10 calls) with Anderson memories 8 and 0 on a trained
 #                      SmallCNN's costs, 2 batches, B = 128 (one fused launch) and B = 512 (the torch loop, and
 #                      the fused launch beside it: whether FUSED_MAX should rise above 256); 35 s in run 6 with
 #                      memories 8, 4, 0 and no fused launch at 512 (ACCEL_BATCH=128 for B = 128 alone).
@@ -203,7 +203,7 @@ step overhead "$T_OVERHEAD" "$PYTHON" -m benchmarks.bench_overhead --device "$DE
     "${OVERHEAD_LIMIT[@]}" "${DATA_DIR[@]}" "${QUICK[@]}"
 step launches "$T_LAUNCHES" "$PYTHON" -m benchmarks.bench_launches --device "$DEVICE" --out "$OUTDIR" "${QUICK[@]}"
 read -ra ACCEL_BATCH <<<"${ACCEL_BATCH:-128 512}"
-ACCEL_ARGS=(--batch "${ACCEL_BATCH[@]}" --batches 2 --anderson 8 0)
+ACCEL_ARGS=(--batch "${ACCEL_BATCH[@]}" --batches 2 --anderson 8 0 --repeats 10)
 [ ${#QUICK[@]} -gt 0 ] && ACCEL_ARGS=(--quick)
 step acceleration "$T_ACCEL" "$PYTHON" -m benchmarks.bench_acceleration --device "$DEVICE" --out "$OUTDIR" \
     "${DATA_DIR[@]}" "${ACCEL_ARGS[@]}"
