@@ -1,6 +1,7 @@
 """got_reg.graphs: the packing of the diagnostics (any device); the replay's bookkeeping on CPU through an
 emulated recorder (values, gradients, diagnostics and φ's steps equal to the eager call's, the scaled
-backward in any order, captures dropped when φ is loaded); and the CUDA-graph replay against the eager
+backward in any order, captures dropped when φ is loaded, no host read in what would be captured, on the
+CUDA path run through Triton's interpreter); and the CUDA-graph replay against the eager
 call (CUDA with Triton only: the same over several steps, diagnostics that outlive later replays, one
 capture per shape, one host read per call)."""
 
@@ -423,6 +424,73 @@ def test_emulated_deferred_unconverged_call_warns_at_the_next_call(monkeypatch):
         _call(got, feed, *_problem(seed=1)).backward()
     with pytest.warns(GOTConvergenceWarning):
         got.check()
+
+
+class _CountingRecorder(EagerRecorder):
+    """An :class:`EagerRecorder` that notes the host reads of each run of the body it would capture: the
+    warm-up runs, the capture and every replay."""
+
+    def __init__(self, reads) -> None:
+        super().__init__()
+        self.reads, self.per_body = reads, []
+
+    def _counted(self, run):
+        def counted():
+            before = self.reads.n
+            out = run()
+            self.per_body.append(self.reads.n - before)
+            return out
+
+        return counted
+
+    def warm_up(self, run):
+        super().warm_up(self._counted(run))
+
+    def capture(self, body):
+        return super().capture(self._counted(body))
+
+
+@pytest.mark.parametrize("options", _VARIANTS[:3])
+def test_emulated_capture_body_reads_nothing_back_on_the_cuda_path(options, monkeypatch):
+    """A host synchronisation inside a capture invalidates it (``cudaErrorStreamCaptureInvalidated``, as a
+    capture in run 7 of gpu_check did), and only a GPU shows that. On CPU, the CUDA path is emulated: the
+    fused Sinkhorn kernel and the cost's kernels run under Triton's interpreter through their CUDA glue
+    (benchmarks/bench_launches.py's backend and counters, which count every host read: item, bool, float,
+    tolist, nonzero, boolean indexing, ...). Every run of the body that would be captured (warm-up, capture,
+    replays: forward, backward at unit upstream gradient, φ's step, packing) reads nothing, and a replayed
+    call reads once: its flags."""
+    import sys
+    from pathlib import Path
+
+    from interpreted import kernel_modules
+
+    kernel_modules("got_reg.solvers._triton", "got_reg.costs._triton_cosine_kl")
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:  # benchmarks/ is a package of the repository, not of the installed library
+        sys.path.insert(0, root)
+    from benchmarks.bench_launches import counting, interpreted_fused_backend
+
+    backend = interpreted_fused_backend()
+    assert backend is not None
+    feed = _Feed()
+    got = GOTRegularizer(feed, "feat", beta=10.0, cuda_graphs=True, backend=backend, **options)
+    monkeypatch.setattr(got, "_graphable", lambda inputs: True)
+    flag_reads = []
+    monkeypatch.setattr(
+        PackedDiagnostics, "read_flags", lambda d, _orig=PackedDiagnostics.read_flags: flag_reads.append(1) or _orig(d)
+    )
+    with counting() as (kernels, reads):
+        got._graphs.recorder = recorder = _CountingRecorder(reads)
+        for step in range(3):
+            inputs = _problem(B=16, D=8, K=4, seed=step)
+            before = reads.n
+            loss = _call(got, feed, *inputs)
+            assert reads.n - before == 1, (step, reads.n - before)  # the call's flags
+            loss.backward()
+    assert len(flag_reads) == 3 and kernels.ops["<triton>"] > 0  # the kernels ran (the cost's and the solver's)
+    assert recorder.captures == 1 and recorder.replays == 3
+    assert recorder.per_body == [0] * 5  # one warm-up, the capture, three replays: no host read in any
+    got.remove()
 
 
 def test_deferred_checks_validation():
