@@ -62,7 +62,7 @@ def fused_above_limit(C: torch.Tensor) -> Any:
     tri = triton_module()
     if tri is None or not tri._device_ok(C) or C.dtype != torch.float32:
         return None
-    return tri if tri.FUSED_MAX < max(C.shape[-2:]) <= tri.FUSED_LIMIT else None
+    return tri if tri.fused_max() < max(C.shape[-2:]) <= tri.FUSED_LIMIT else None
 
 
 def call_solvers(costs: torch.Tensor, mask, anderson: int) -> list[tuple[Any, str]]:

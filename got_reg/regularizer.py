@@ -108,7 +108,8 @@ class GOTRegularizer(nn.Module):
             shape, then one graph launch (forward, backward and φ's step) instead of some sixty kernel
             launches. Needs ``backend="torch"``; a call is replayed when its tensors are on CUDA and grad is
             enabled, and, where it solves Sinkhorn (``solver="sinkhorn"``, or the dual's ``debias`` terms),
-            in at most float32 with B ≤ 256 (the fused Triton kernel); otherwise it runs eagerly (with a
+            in at most float32 with B ≤ 256 (the fused Triton kernel; ``GOT_REG_FUSED_MAX`` in the environment
+            moves 256, up to 1024); otherwise it runs eagerly (with a
             warning, once per reason, unless grad is simply off). φ's Adam settings are those of its capture.
         deferred_checks: with ``cuda_graphs=True``, a replayed call does not wait for its NaN and
             convergence flags: it starts their copy to the host and they are read at the next call (or by
@@ -398,8 +399,11 @@ class GOTRegularizer(nn.Module):
             reason = "Triton is not available, so Sinkhorn would synchronise with the host every few sweeps"
         elif tri.fused_takes(B, B, dtype, device):  # the solver's own test: every solve in one launch, no sync
             return True
-        elif B > tri.FUSED_MAX:
-            reason = f"the batch size is above {tri.FUSED_MAX}, where Sinkhorn checks convergence on the host"
+        elif B > tri.fused_max():
+            reason = (
+                f"the batch size is above {tri.fused_max()} (GOT_REG_FUSED_MAX), where Sinkhorn checks convergence "
+                "on the host"
+            )
         elif dtype != torch.float32:
             reason = "the inputs are float64 (the fused kernel is float32)"
         elif tri.INTERPRET:

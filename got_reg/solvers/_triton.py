@@ -22,9 +22,10 @@ for n, m ≤ 1024 (:data:`FUSED_LIMIT`) in one launch of one program per problem
 microseconds of arithmetic but hundreds of kernel launches and a host synchronisation per stopping test in
 eager torch; here the loop, its control flow and the stopping test run on the device, and the results
 (potentials, iteration count, marginal error) stay there until the caller reads them. The solvers send it
-problems up to :data:`FUSED_MAX` = 256 (:func:`fused_takes`): one program streams C from L2 on every pass,
-so its time grows with n·m while the torch loop's stays launch-bound, and where the two cross above 256 is
-for ``benchmarks/bench_acceleration.py`` to measure on a GPU (it times both up to the limit).
+problems up to :data:`FUSED_MAX` = 256 (:func:`fused_takes`; ``GOT_REG_FUSED_MAX`` in the environment moves
+it): one program streams C from L2 on every pass, so its time grows with n·m while the torch loop's stays
+launch-bound, and where the two cross above 256 is for ``benchmarks/bench_acceleration.py`` to measure on a
+GPU (it times both up to the limit).
 
 :class:`Anderson` — the Anderson step of the torch loop (B > 256, where the sweeps are two :func:`row_lse`
 launches) in one launch instead of about 20 eager operators, for iterates of any length.
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 
@@ -63,16 +65,15 @@ if _HAVE_TRITON:
     try:
         INTERPRET = bool(triton.knobs.runtime.interpret)
     except AttributeError:  # older releases without knobs
-        import os
-
         INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# The largest problem the solvers send to :func:`sinkhorn_fused` (:func:`fused_takes`), and the largest it
-# takes at all: its vectors (u, v, Anderson's 8 × n history) live in registers, and at 1024 the sm_90 build
-# uses 179 of them at 8 warps without spills (``triton_selfcheck.py --aot``). Above FUSED_MAX the torch loop
-# runs until a GPU measurement says the fused launch is faster there.
+# The largest problem the solvers send to :func:`sinkhorn_fused` by default (:func:`fused_max`), and the
+# largest it takes at all: its vectors (u, v, Anderson's 8 × n history) live in registers, and at 1024 the
+# sm_90 build uses 179 of them at 8 warps without spills (``triton_selfcheck.py --aot``). Above FUSED_MAX the
+# torch loop runs until a GPU measurement says the fused launch is faster there.
 FUSED_MAX = 256
 FUSED_LIMIT = 1024
+FUSED_MAX_ENV = "GOT_REG_FUSED_MAX"
 # Tiles of at most this many entries stay in registers for the whole solve; larger ones are re-read
 # from global memory (L1/L2) each pass: 256 × 256 fp32 is 256 KB, the size of an SM's register file.
 _RESIDENT_MAX = 128 * 128
@@ -113,22 +114,37 @@ def row_lse_supported(A: torch.Tensor) -> bool:
     return _HAVE_TRITON and not INTERPRET and A.is_cuda and A.dtype == torch.float32 and A.dim() == 2
 
 
+def fused_max() -> int:
+    """The largest n, m that the solvers send to :func:`sinkhorn_fused`: :data:`FUSED_MAX` (256), or the
+    environment's ``GOT_REG_FUSED_MAX`` (an integer in [1, :data:`FUSED_LIMIT`]), read at every call. Raising
+    it sends larger batches to the one-launch solve, with no host synchronisation and CUDA graphs possible,
+    at a time per sweep that grows with B² (``benchmarks/bench_acceleration.py`` times both ways)."""
+    raw = os.environ.get(FUSED_MAX_ENV, "").strip()
+    if not raw:
+        return FUSED_MAX
+    value = int(raw) if raw.isdigit() else 0
+    if not 1 <= value <= FUSED_LIMIT:
+        raise ValueError(
+            f"{FUSED_MAX_ENV} must be an integer in [1, {FUSED_LIMIT}] (the largest batch size that the solvers "
+            f"send to the fused Sinkhorn kernel; unset: {FUSED_MAX}), got {raw!r}"
+        )
+    return value
+
+
 def fused_takes(n: int, m: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether :func:`sinkhorn_fused` takes (n, m) problems of ``dtype`` on ``device``: Triton present and not
-    interpreted, CUDA, float32, 0 < n, m ≤ 256. What a caller needs to know before the cost exists (the CUDA
-    graphs of :mod:`got_reg.graphs` can capture only a solve that runs in the kernel)."""
-    return (
-        _HAVE_TRITON
-        and not INTERPRET
-        and device.type == "cuda"
-        and dtype == torch.float32
-        and 0 < n <= FUSED_MAX
-        and 0 < m <= FUSED_MAX
-    )
+    """Whether the solvers send (n, m) problems of ``dtype`` on ``device`` to :func:`sinkhorn_fused`: Triton
+    present and not interpreted, CUDA, float32, 0 < n, m ≤ :func:`fused_max` (256 unless the environment
+    says otherwise). What a caller needs to know before the cost exists (the CUDA graphs of
+    :mod:`got_reg.graphs` can capture only a solve that runs in the kernel)."""
+    if not (_HAVE_TRITON and not INTERPRET and device.type == "cuda" and dtype == torch.float32):
+        return False
+    limit = fused_max()
+    return 0 < n <= limit and 0 < m <= limit
 
 
 def fused_supported(C: torch.Tensor) -> bool:
-    """Whether :func:`sinkhorn_fused` takes C: :func:`fused_takes` its (n, m), as one problem or a (k, n, m) stack.
+    """Whether the solvers send C to :func:`sinkhorn_fused`: :func:`fused_takes` its (n, m), as one problem or a
+    (k, n, m) stack.
 
     False on CPU even under the interpreter (tests call the kernels directly), so that a solver that
     dispatches on this never routes CPU work through the interpreter.
@@ -778,7 +794,7 @@ def sinkhorn_fused(
     on the launches and host synchronisations of its sweeps (issue 12; the timings are in
     ``benchmarks/results/``). The kernel holds tiles up to 128 × 128 in registers for the
     whole solve, and streams larger ones from L1/L2 (256 × 256 fp32 does not fit an SM's registers or
-    shared memory). The solvers use it up to :data:`FUSED_MAX` (:func:`fused_takes`); it takes up to
+    shared memory). The solvers use it up to :func:`fused_max` (:func:`fused_takes`); it takes up to
     :data:`FUSED_LIMIT`, so that benchmarks can time it against the torch loop there.
     """
     if not _HAVE_TRITON:

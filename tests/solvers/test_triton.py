@@ -179,6 +179,24 @@ def test_fused_takes_sizes_above_the_dispatch_limit(n, m, masked):
     check_against_references(got_cost(n, m, seed=n + m, masked=masked), 0.1)
 
 
+def test_fused_max_is_256_unless_the_environment_moves_it(monkeypatch):
+    """GOT_REG_FUSED_MAX: the largest batch the solvers send to the fused kernel, read at every call; a value
+    outside [1, FUSED_LIMIT] or not an integer is refused with the variable's name and range."""
+    monkeypatch.delenv(T.FUSED_MAX_ENV, raising=False)
+    assert T.fused_max() == T.FUSED_MAX == 256
+    for raw, expected in (("512", 512), (" 1024 ", 1024), ("1", 1), ("", 256)):
+        monkeypatch.setenv(T.FUSED_MAX_ENV, raw)
+        assert T.fused_max() == expected
+    for raw in ("0", "1025", "-5", "512.0", "big"):
+        monkeypatch.setenv(T.FUSED_MAX_ENV, raw)
+        with pytest.raises(ValueError, match=rf"GOT_REG_FUSED_MAX must be an integer in \[1, 1024\].*got '{raw}'"):
+            T.fused_max()
+    if CUDA and not T.INTERPRET:
+        monkeypatch.setenv(T.FUSED_MAX_ENV, "512")
+        assert T.fused_takes(512, 300, torch.float32, torch.device("cuda"))
+        assert not T.fused_takes(513, 8, torch.float32, torch.device("cuda"))
+
+
 def test_fused_accelerated_problem():
     """Class blocks coupled only through costs ≫ θ (GOT without label matching): plain Sinkhorn crawls,
     the accelerated kernel gets the same answer in a third of the sweeps."""
