@@ -3,12 +3,12 @@
 On a GPU a call at B = 128 is a few microseconds of arithmetic and some sixty kernel launches, forward and
 backward (``benchmarks/bench_launches.py``); the launches, and the host work of each, are what a training
 step pays for. When the call has no host synchronisation (every Sinkhorn solve in the fused Triton kernel:
-CUDA, float32, B ≤ 256; the dual's semi-dual and fused Adam step never read the host), it is captured once
-as a CUDA graph (:class:`torch.cuda.CUDAGraph`) and replayed. One graph holds the forward, the backward at
-unit upstream gradient and, for the dual, φ's ascent step: the backward of a scalar loss is linear in its
-upstream gradient g, so a call's gradients are g times the captured ones. One capture is kept per input
-signature (shapes, dtypes, which inputs need a gradient, φ trained or not), so the shorter last batch of an
-epoch gets its own.
+CUDA, float32, B ≤ 256 or ``GOT_REG_FUSED_MAX``; the dual's semi-dual and fused Adam step never read the
+host), it is captured once as a CUDA graph (:class:`torch.cuda.CUDAGraph`) and replayed. One graph holds the
+forward, the backward at unit upstream gradient and, for the dual, φ's ascent step: the backward of a scalar
+loss is linear in its upstream gradient g, so a call's gradients are g times the captured ones. One capture is
+kept per input signature (shapes, dtypes, which inputs need a gradient, φ trained or not), so the shorter last
+batch of an epoch gets its own.
 
 A graph reads and writes fixed ("static") buffers; what a replay leaves there is overwritten by the next
 replay. So a call copies its inputs in (one by one), and copies out, in one kernel, one packed buffer

@@ -20,7 +20,7 @@ Three backends, one per :class:`SinkhornBackend` subclass, all returning an :cla
 
 * ``"torch"`` (:class:`TorchSinkhorn`): :func:`sinkhorn_log`, our log-domain solver. Its one loop runs on
   a :class:`~got_reg.solvers.lse.RowLSE` operator chosen for the device; on CUDA with Triton and
-  B, B' ≤ 256 the same loop runs inside one fused kernel (no launch or sync per sweep).
+  B, B' ≤ 256 (``GOT_REG_FUSED_MAX``) the same loop runs inside one fused kernel (no launch or sync per sweep).
 * ``"pot"`` (:class:`POTSinkhorn`): ``ot.solve(method="sinkhorn_log")`` with its stopping test mapped to ``tol``.
 * ``"geomloss"`` (:class:`GeomLossSinkhorn`): GeomLoss' ε-scaling solver (no tolerance of its own),
   finished by exact sweeps of :func:`sinkhorn_log` started from its potentials until ``tol``.
@@ -323,9 +323,9 @@ def sinkhorn_log(
 
     ``init_g`` (a column potential in cost units, e.g. from another solver) replaces the annealing.
     ``anderson`` is the number of past differences the acceleration uses; 0 is plain Sinkhorn. On CUDA,
-    float32, B, B' ≤ 256 and with Triton installed, the same stages run in one fused kernel launch
-    (:func:`got_reg.solvers._triton.sinkhorn_fused`), which tests the error every sweep instead of every
-    ``CHECK_EVERY``-th.
+    float32, B, B' ≤ 256 (``GOT_REG_FUSED_MAX``) and with Triton installed, the same stages run in one fused
+    kernel launch (:func:`got_reg.solvers._triton.sinkhorn_fused`), which tests the error every sweep instead
+    of every ``CHECK_EVERY``-th.
     """
     if not (isinstance(anderson, int) and 0 <= anderson <= 16):
         raise ValueError(f"anderson must be an int in [0, 16] (past differences; 0 = plain Sinkhorn), got {anderson!r}")
