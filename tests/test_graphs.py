@@ -452,13 +452,13 @@ class _CountingRecorder(EagerRecorder):
 
 @pytest.mark.parametrize("options", _VARIANTS[:3])
 def test_emulated_capture_body_reads_nothing_back_on_the_cuda_path(options, monkeypatch):
-    """A host synchronisation inside a capture invalidates it (``cudaErrorStreamCaptureInvalidated``, as a
-    capture in run 7 of gpu_check did), and only a GPU shows that. On CPU, the CUDA path is emulated: the
-    fused Sinkhorn kernel and the cost's kernels run under Triton's interpreter through their CUDA glue
-    (benchmarks/bench_launches.py's backend and counters, which count every host read: item, bool, float,
-    tolist, nonzero, boolean indexing, ...). Every run of the body that would be captured (warm-up, capture,
-    replays: forward, backward at unit upstream gradient, φ's step, packing) reads nothing, and a replayed
-    call reads once: its flags."""
+    """A host synchronisation inside a capture invalidates it (``cudaErrorStreamCaptureInvalidated``, the
+    error of the capture that failed in run 7 of gpu_check, cause not found), and only a GPU shows that. On
+    CPU, the CUDA path is emulated: the fused Sinkhorn kernel and the cost's kernels run under Triton's
+    interpreter through their CUDA glue (benchmarks/bench_launches.py's backend and counters, which count
+    every host read: item, bool, float, tolist, nonzero, boolean indexing, ...). Every run of the body that
+    would be captured (warm-up, capture, replays: forward, backward at unit upstream gradient, φ's step,
+    packing) reads nothing, and a replayed call reads once: its flags."""
     import sys
     from pathlib import Path
 
