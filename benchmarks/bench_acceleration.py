@@ -139,9 +139,9 @@ def main(argv=None) -> int:
                     plan_diff_l1=float((ra.plan - rp.plan).abs().sum()),
                 )
             )
-            Cm = C if mask is None else C.masked_fill(~mask, float("inf"))
-            tri = fused_above_limit(Cm)
+            tri = fused_above_limit(C)
             if tri is not None:  # a call with debias=False solves this one problem: the fused launch alone
+                Cm = C if mask is None else C.masked_fill(~mask, float("inf"))
                 out: dict[str, Any] = {}
 
                 def one(Cm=Cm, tri=tri, out=out) -> None:

@@ -399,10 +399,9 @@ class GOTRegularizer(nn.Module):
             reason = "Triton is not available, so Sinkhorn would synchronise with the host every few sweeps"
         elif tri.fused_takes(B, B, dtype, device):  # the solver's own test: every solve in one launch, no sync
             return True
-        elif B > tri.fused_max():
+        elif B > (limit := tri.fused_max()):
             reason = (
-                f"the batch size is above {tri.fused_max()} (GOT_REG_FUSED_MAX), where Sinkhorn checks convergence "
-                "on the host"
+                f"the batch size is above {limit} (GOT_REG_FUSED_MAX), where Sinkhorn checks convergence on the host"
             )
         elif dtype != torch.float32:
             reason = "the inputs are float64 (the fused kernel is float32)"
